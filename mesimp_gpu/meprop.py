@@ -1,0 +1,165 @@
+"""meProp: a linear layer whose backward pass keeps only the top-k output-gradient entries.
+
+The forward pass is the ordinary dense ``y = x @ W.T + b``. In the backward pass, with
+``G = dL/dy`` of shape ``[B, out]``:
+
+- ``topk`` (per example, the paper's method): each row keeps its ``k`` largest ``|G[b, j]|``
+  (ties to the lower index); ``dx = G_k @ W`` and ``dW = G_k.T @ x``.
+- ``unified`` (shared over the minibatch): one column set from ``sum_b |G[b, :]|``;
+  ``dx = G[:, S] @ W[S]``, ``dW[S] = G[:, S].T @ x``, other rows of ``dW`` zero.
+- ``random`` (ablation): ``k`` columns drawn uniformly per example instead of the top-k.
+- ``dense``: ordinary back propagation.
+
+The bias gradient is ``sum_b G[b, :]`` (dense, as in the reference) unless ``sparse_bias`` is set,
+in which case only the kept entries contribute. ``k >= out`` is exactly dense back propagation.
+The products themselves are computed by a :class:`~mesimp_gpu.backends.Backend` chosen by name.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mesimp_gpu.backends import Backend, get_backend
+from mesimp_gpu.backends.base import bincount_hits, check_finite
+
+
+class MePropMode(str, enum.Enum):
+    """How the backward pass sparsifies the output gradient."""
+
+    DENSE = "dense"
+    TOPK = "topk"
+    UNIFIED = "unified"
+    RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class MePropConfig:
+    """Backward-pass settings of one :class:`MePropLinear`."""
+
+    mode: MePropMode = MePropMode.TOPK  # which sparsification the backward pass uses
+    k: int = 20  # entries (per example) or columns (unified) kept; k >= out is dense
+    backend: str = "auto"  # registry name, see mesimp_gpu.backends
+    sparse_bias: bool = False  # True: the bias gradient also uses only the kept entries
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1, got {self.k}")
+
+
+def random_indices(batch: int, width: int, k: int, device: torch.device) -> Tensor:
+    """``k`` distinct columns per row drawn uniformly (torch's RNG) -> ``[batch, k]`` ascending."""
+    return torch.rand(batch, width, device=device).argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def kept_bias_grad(g: Tensor, idx: Tensor) -> Tensor:
+    """``sum_b G_k[b, :]`` for per-example kept indices ``idx`` ``[B, k]`` -> ``[out]``."""
+    return torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx)).sum(dim=0)
+
+
+class MePropFunction(torch.autograd.Function):
+    """Autograd function for a 2-D meProp linear map; see the module docstring for the maths."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        config: MePropConfig,
+        backend: Backend,
+        hits: Tensor | None,
+    ) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.config, ctx.backend, ctx.hits, ctx.has_bias = config, backend, hits, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        config: MePropConfig = ctx.config
+        g = g.contiguous()
+        batch, width = g.shape
+        dense = config.mode is MePropMode.DENSE or config.k >= width
+        db = g.sum(dim=0) if ctx.has_bias else None
+        if dense:
+            if ctx.hits is not None:
+                ctx.hits += batch  # every column is in every example's set
+            dx, dw = g.mm(weight), g.t().mm(x)
+        elif config.mode is MePropMode.UNIFIED:
+            check_finite(g)
+            dx, dw, cols = ctx.backend.unified_backward(g, x, weight, config.k)
+            if ctx.hits is not None:
+                ctx.hits[cols] += batch
+            if db is not None and config.sparse_bias:
+                db = torch.zeros_like(db).index_copy_(0, cols, db[cols])
+        else:
+            if config.mode is MePropMode.TOPK:
+                dx, dw, idx = ctx.backend.topk_backward(g, x, weight, config.k, ctx.hits)
+            else:
+                idx = random_indices(batch, width, config.k, g.device)
+                if ctx.hits is not None:
+                    bincount_hits(ctx.hits, idx)
+                dx, dw = ctx.backend.sparse_backward(g, idx, x, weight)
+            if db is not None and config.sparse_bias:
+                db = kept_bias_grad(g, idx)
+        return dx, dw, db, None, None, None
+
+
+class MePropLinear(nn.Module):
+    """Drop-in ``nn.Linear`` with a meProp backward pass.
+
+    Input ``[..., in_features]``, output ``[..., out_features]``; leading dimensions are flattened
+    into the batch for the backward selection (each flattened row is one "example").
+    With ``track_hits`` the layer keeps ``hits`` (``[out]`` int64, how often each output neuron was
+    selected) and ``refer`` (examples seen) for meSimp; both count only during training.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: MePropConfig | None = None,
+        bias: bool = True,
+        track_hits: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"layer sizes must be positive, got {in_features} -> {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.config = config or MePropConfig()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("hits", torch.zeros(out_features, dtype=torch.long) if track_hits else None)
+        self.refer = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's initialisation: ``W ~ N(0, sqrt(6 / (fan_in + fan_out)))``, ``b = 0``."""
+        std = math.sqrt(6.0 / (self.in_features + self.out_features))
+        with torch.no_grad():
+            self.weight.normal_(0.0, std)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input [..., {self.in_features}], got {tuple(x.shape)}")
+        if self.config.mode is MePropMode.DENSE and self.hits is None:
+            return nn.functional.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        recording = self.hits is not None and self.training and torch.is_grad_enabled()
+        if recording:
+            self.refer += x2.shape[0]
+        backend = get_backend(self.config.backend, x.device)
+        y = MePropFunction.apply(x2, self.weight, self.bias, self.config, backend, self.hits if recording else None)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{self.in_features}, {self.out_features}, mode={c.mode.value}, k={c.k}, backend={c.backend}"
