@@ -1,0 +1,1 @@
+"""Training loops, shared run bookkeeping (results, checkpoints, timing) and task trainers."""
