@@ -1,0 +1,404 @@
+"""meProp LSTM: a single-layer (optionally bidirectional) LSTM with a sparsified gate gradient.
+
+One direction, hidden size ``H``, input size ``I``, gate order ``i, f, g, o`` (as ``nn.LSTM``):
+
+- ``z_t = x_t @ W_x.T + h_{t-1} @ W_h.T + b``          ``[B, 4H]``  (``W_x`` ``[4H, I]``, ``W_h`` ``[4H, H]``)
+- ``i, f, o = sigmoid(z_i, z_f, z_o)``, ``g = tanh(z_g)``, ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``.
+
+The forward pass is dense. In the backward pass the gate pre-activation gradient ``dz_t = dL/dz_t``
+(``[B, 4H]`` per step) is sparsified per example before it reaches the two linear products:
+
+- ``dh_{t-1} += dz_t^k @ W_h`` and ``dW_h += dz_t^k.T @ h_{t-1}`` (per step, in the backward time loop),
+- ``dx_t = dz_t^k @ W_x`` and ``dW_x = sum_t dz_t^k.T @ x_t`` (one call over all steps after the loop:
+  the input side does not feed the recurrence, so it is batched over ``T * B`` rows).
+
+Both products go through the registry's :class:`~mesimp_gpu.backends.Backend` (``topk_indices`` and
+``sparse_backward``), the same selection and sparse products as :class:`~mesimp_gpu.meprop.MePropLinear`,
+so a faster backend speeds up the LSTM too. The bias gradient is dense (``sum`` of ``dz``) unless the
+config asks for ``sparse_bias``.
+
+Which entries are kept (:class:`GateSelection`):
+
+- ``per-gate`` (default): ``k`` entries in each of the four gate blocks, ``4k`` per example and step.
+  Every gate keeps a gradient signal each step; in a short EWT comparison (``bench/results/pos``) it
+  trained as well as or better than ``all`` at the same ``k``. ``k >= H`` is dense.
+- ``all``: the ``k`` largest ``|dz|`` over all ``4H`` entries of a step. The gates compete; the output
+  and candidate gates tend to dominate. ``k >= 4H`` is dense.
+
+Modes (:class:`~mesimp_gpu.meprop.MePropMode`): ``topk`` (per example), ``unified`` (one index set per
+step for the minibatch, ranked by ``sum_b |dz|``), ``random`` (ablation), ``dense``. When ``k`` covers
+the whole row the backward pass is exactly the dense LSTM gradient.
+
+Variable lengths: a boolean mask ``[B, T]`` marks real tokens. At a padded step the state is carried
+unchanged, the output is zero and ``dz`` is zero; padded rows never count as meSimp hits.
+
+meSimp: a hidden unit counts a hit when any of its four gate entries is selected for an example and
+step (:attr:`HitCounting.ANY`); :attr:`HitCounting.EACH_GATE` counts every selected gate entry instead
+(up to 4 per example and step). ``refer`` counts the real (unpadded) tokens seen in training. A prune
+step deletes a unit's rows in all four gates of ``W_x``, ``W_h`` and ``b``, its column of ``W_h``, its
+input column of the next layer, and the matching optimizer state.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from mesimp_gpu.backends import Backend, get_backend
+from mesimp_gpu.backends.base import check_finite
+from mesimp_gpu.meprop import MePropConfig, MePropMode, kept_bias_grad, random_indices
+
+GATES = 4  # i, f, g, o
+
+
+class GateSelection(str, enum.Enum):
+    """Whether the top-k runs over all ``4H`` gate entries of a step or ``k`` per gate."""
+
+    ALL = "all"
+    PER_GATE = "per-gate"
+
+
+class HitCounting(str, enum.Enum):
+    """How selected gate entries turn into meSimp hits of hidden units."""
+
+    ANY = "any"  # one hit per example and step when any of the unit's gates is selected
+    EACH_GATE = "each-gate"  # one hit per selected gate entry (up to 4 per example and step)
+
+
+def select_gate_entries(
+    dz: Tensor, config: MePropConfig, selection: GateSelection, backend: Backend
+) -> Tensor:
+    """Kept entries of one step's gate gradient ``dz`` ``[B, 4H]`` -> ``idx`` ``[B, kk]`` ascending.
+
+    ``kk`` is ``k`` (``all``) or ``4k`` (``per-gate``); the caller handles ``k`` covering the row (dense).
+    """
+    batch, width = dz.shape
+    hidden = width // GATES
+    per_gate = selection is GateSelection.PER_GATE
+    k = config.k
+    if config.mode is MePropMode.RANDOM:
+        rows, cols = (batch * GATES, hidden) if per_gate else (batch, width)
+        idx = random_indices(rows, cols, k, dz.device)
+    elif config.mode is MePropMode.UNIFIED:
+        check_finite(dz)
+        scores = dz.abs().sum(dim=0)  # (4H,)
+        idx = backend.topk_indices(scores.view(GATES, hidden) if per_gate else scores.view(1, width), k)
+    else:
+        idx = backend.topk_indices(dz.view(batch * GATES, hidden) if per_gate else dz, k)
+    if per_gate:
+        # gate blocks are ascending and disjoint, so adding the block offsets keeps each row ascending
+        offsets = torch.arange(GATES, device=dz.device).mul_(hidden).view(GATES, 1)
+        idx = (idx.view(-1, GATES, k) + offsets).view(-1, GATES * k)
+    if config.mode is MePropMode.UNIFIED:
+        idx = idx.expand(batch, idx.shape[1])
+    return idx.contiguous()
+
+
+def record_hits(hits: Tensor, idx: Tensor, valid: Tensor, counting: HitCounting) -> None:
+    """Add the hits of one step's selection ``idx`` ``[B, kk]`` for the real rows ``valid`` ``[B]`` to ``hits`` ``[H]``."""
+    hidden = hits.numel()
+    units = idx[valid] % hidden  # (b_valid, kk)
+    if counting is HitCounting.EACH_GATE:
+        hits += torch.bincount(units.reshape(-1), minlength=hidden).to(hits.dtype)
+    else:
+        touched = torch.zeros(units.shape[0], hidden, dtype=torch.bool, device=hits.device)
+        touched.scatter_(1, units, True)
+        hits += touched.sum(dim=0).to(hits.dtype)
+
+
+class MePropLSTMFunction(torch.autograd.Function):
+    """One LSTM direction over a whole padded sequence, time-major; see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        mask: Tensor,
+        weight_ih: Tensor,
+        weight_hh: Tensor,
+        bias: Tensor,
+        reverse: bool,
+        config: MePropConfig,
+        selection: GateSelection,
+        counting: HitCounting,
+        backend: Backend,
+        hits: Tensor | None,
+    ) -> Tensor:
+        """``x`` ``[T, B, I]``, ``mask`` ``[T, B]`` bool -> outputs ``[T, B, H]`` (zero at padded steps)."""
+        steps, batch, _ = x.shape
+        hidden = weight_hh.shape[1]
+        # the input projection does not depend on the recurrence: one GEMM for all steps
+        zx = torch.addmm(bias, x.reshape(steps * batch, -1), weight_ih.t()).view(steps, batch, GATES * hidden)
+        acts = x.new_empty(steps, batch, GATES * hidden)  # activated gates i, f, g, o per step
+        c_prev_all = x.new_empty(steps, batch, hidden)
+        h_prev_all = x.new_empty(steps, batch, hidden)
+        c_new_all = x.new_empty(steps, batch, hidden)
+        out = x.new_zeros(steps, batch, hidden)
+        h = x.new_zeros(batch, hidden)
+        c = x.new_zeros(batch, hidden)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
+        for t in order:
+            z = torch.addmm(zx[t], h, weight_hh.t())  # (B, 4H)
+            a = acts[t]
+            a.copy_(z)
+            a[:, : 2 * hidden].sigmoid_()
+            a[:, 2 * hidden : 3 * hidden].tanh_()
+            a[:, 3 * hidden :].sigmoid_()
+            i, f, g, o = a.chunk(GATES, dim=1)
+            c_new = f * c + i * g
+            h_new = o * torch.tanh(c_new)
+            h_prev_all[t], c_prev_all[t], c_new_all[t] = h, c, c_new
+            m = mask[t].unsqueeze(1)  # (B, 1)
+            out[t] = torch.where(m, h_new, 0.0)
+            h = torch.where(m, h_new, h)
+            c = torch.where(m, c_new, c)
+        ctx.save_for_backward(x, mask, weight_ih, weight_hh, acts, c_prev_all, h_prev_all, c_new_all)
+        ctx.reverse, ctx.config, ctx.selection, ctx.counting = reverse, config, selection, counting
+        ctx.backend, ctx.hits = backend, hits
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):  # type: ignore[override]
+        x, mask, weight_ih, weight_hh, acts, c_prev_all, h_prev_all, c_new_all = ctx.saved_tensors
+        config: MePropConfig = ctx.config
+        backend: Backend = ctx.backend
+        hits: Tensor | None = ctx.hits
+        steps, batch, _ = x.shape
+        hidden = weight_hh.shape[1]
+        per_gate = ctx.selection is GateSelection.PER_GATE
+        dense = config.mode is MePropMode.DENSE or config.k >= (hidden if per_gate else GATES * hidden)
+
+        dz_all = x.new_zeros(steps, batch, GATES * hidden)
+        kept = GATES * config.k if per_gate else config.k
+        idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
+        d_weight_hh = torch.zeros_like(weight_hh)
+        dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
+        dc = x.new_zeros(batch, hidden)
+        order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
+        for t in order:
+            m = mask[t].unsqueeze(1)  # (B, 1)
+            dh_new = torch.where(m, d_out[t] + dh, 0.0)  # (B, H)
+            dc_new = torch.where(m, dc, 0.0)
+            i, f, g, o = acts[t].chunk(GATES, dim=1)
+            tanh_c = torch.tanh(c_new_all[t])
+            dc_total = dc_new + dh_new * o * (1.0 - tanh_c * tanh_c)
+            dz = dz_all[t]
+            dz[:, :hidden] = dc_total * g * i * (1.0 - i)
+            dz[:, hidden : 2 * hidden] = dc_total * c_prev_all[t] * f * (1.0 - f)
+            dz[:, 2 * hidden : 3 * hidden] = dc_total * i * (1.0 - g * g)
+            dz[:, 3 * hidden :] = dh_new * tanh_c * o * (1.0 - o)
+            if dense:
+                dh_rec = dz @ weight_hh
+                d_weight_hh.addmm_(dz.t(), h_prev_all[t])
+            else:
+                idx = select_gate_entries(dz, config, ctx.selection, backend)
+                idx_all[t] = idx
+                if hits is not None:
+                    record_hits(hits, idx, mask[t], ctx.counting)
+                dh_rec, dw_step = backend.sparse_backward(dz, idx, h_prev_all[t], weight_hh)
+                d_weight_hh += dw_step
+            # a padded step carried h and c unchanged, so their gradients pass straight through
+            dh = torch.where(m, dh_rec, dh)
+            dc = torch.where(m, dc_total * f, dc)
+
+        valid_rows = int(mask.sum())
+        if hits is not None and dense:
+            hits += valid_rows * (GATES if ctx.counting is HitCounting.EACH_GATE else 1)
+        dz_flat = dz_all.view(steps * batch, GATES * hidden)
+        x_flat = x.reshape(steps * batch, -1)
+        if dense:
+            dx, d_weight_ih = dz_flat @ weight_ih, dz_flat.t() @ x_flat
+            d_bias = dz_flat.sum(dim=0)
+        else:
+            idx_flat = idx_all.view(steps * batch, kept)
+            dx, d_weight_ih = backend.sparse_backward(dz_flat, idx_flat, x_flat, weight_ih)
+            d_bias = kept_bias_grad(dz_flat, idx_flat) if config.sparse_bias else dz_flat.sum(dim=0)
+        return dx.view_as(x), None, d_weight_ih, d_weight_hh, d_bias, None, None, None, None, None, None
+
+
+OptimizerState = dict[str, object]
+
+
+def slice_parameter_(
+    param: nn.Parameter, optimizer: torch.optim.Optimizer | None, take: Callable[[Tensor], Tensor]
+) -> None:
+    """Replace ``param``'s data by ``take(param)`` and apply ``take`` to its optimizer state, in place.
+
+    Every state tensor with the parameter's shape (Adam ``exp_avg``/``exp_avg_sq``, AdaGrad ``sum``,
+    momentum buffers) is sliced the same way; scalars such as Adam's ``step`` stay. The parameter
+    object is kept, so the optimizer's ``param_groups`` remain valid.
+    """
+    old_shape = param.shape
+    with torch.no_grad():
+        param.data = take(param.data).contiguous()
+    if param.grad is not None:
+        param.grad = None
+    if optimizer is None or param not in optimizer.state:
+        return
+    state: OptimizerState = optimizer.state[param]
+    for key, value in state.items():
+        if isinstance(value, Tensor) and value.shape == old_shape:
+            state[key] = take(value).contiguous()
+
+
+class MePropLSTMDirection(nn.Module):
+    """The parameters and meSimp record of one LSTM direction.
+
+    ``weight_ih`` ``[4H, I]``, ``weight_hh`` ``[4H, H]``, ``bias`` ``[4H]`` (gate order i, f, g, o),
+    ``hits`` ``[H]`` int64 (with ``track_hits``), ``refer`` (real tokens seen in training).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, reverse: bool, track_hits: bool) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size, self.reverse = input_size, hidden_size, reverse
+        self.weight_ih = nn.Parameter(torch.empty(GATES * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(GATES * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(GATES * hidden_size))
+        self.register_buffer("hits", torch.zeros(hidden_size, dtype=torch.long) if track_hits else None)
+        self.refer = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``U(-1/sqrt(H), 1/sqrt(H))`` as ``nn.LSTM``; the forget-gate bias starts at 1 to keep memory early on."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            self.weight_ih.uniform_(-bound, bound)
+            self.weight_hh.uniform_(-bound, bound)
+            self.bias.zero_()
+            self.bias[self.hidden_size : 2 * self.hidden_size] = 1.0
+
+    def prune_units_(self, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        """Delete the units where ``keep`` (``[H]`` bool) is False from all four gates, ``W_h``'s columns, the state."""
+        gate_rows = keep.repeat(GATES)  # (4H,): the unit's row in each gate block
+        slice_parameter_(self.weight_ih, optimizer, lambda w: w[gate_rows])
+        slice_parameter_(self.weight_hh, optimizer, lambda w: w[gate_rows][:, keep])
+        slice_parameter_(self.bias, optimizer, lambda b: b[gate_rows])
+        if self.hits is not None:
+            self.hits = self.hits[keep].clone()
+        self.hidden_size = int(keep.sum())
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, reverse={self.reverse}"
+
+
+class MePropLSTM(nn.Module):
+    """Single-layer LSTM with a meProp backward pass; input ``[B, T, I]`` -> output ``[B, T, H_total]``.
+
+    ``H_total`` is ``H`` or, bidirectional, ``H_forward + H_backward`` (forward block first); after
+    meSimp pruning the two directions may differ in size. ``lengths`` ``[B]`` or ``mask`` ``[B, T]``
+    mark real tokens (right padding with lengths; any pattern with a mask).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        config: MePropConfig | None = None,
+        bidirectional: bool = False,
+        selection: GateSelection = GateSelection.PER_GATE,
+        counting: HitCounting = HitCounting.ANY,
+        track_hits: bool = False,
+    ) -> None:
+        super().__init__()
+        if input_size < 1 or hidden_size < 1:
+            raise ValueError(f"LSTM sizes must be positive, got input {input_size}, hidden {hidden_size}")
+        self.input_size = input_size
+        self.config = config or MePropConfig()
+        self.selection, self.counting = GateSelection(selection), HitCounting(counting)
+        self.directions = nn.ModuleList(
+            MePropLSTMDirection(input_size, hidden_size, reverse, track_hits)
+            for reverse in ((False, True) if bidirectional else (False,))
+        )
+
+    @property
+    def output_size(self) -> int:
+        """Width of the output: the sum of the directions' hidden sizes."""
+        return sum(d.hidden_size for d in self.directions)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"expected input [batch, time, {self.input_size}], got {tuple(x.shape)}")
+        batch, steps, _ = x.shape
+        if mask is None:
+            if lengths is None:
+                mask = torch.ones(batch, steps, dtype=torch.bool, device=x.device)
+            else:
+                if lengths.shape != (batch,) or (batch > 0 and int(lengths.max()) > steps):
+                    raise ValueError(f"lengths must be [batch] with values <= {steps}, got {lengths.tolist()}")
+                mask = torch.arange(steps, device=x.device) < lengths.to(x.device).unsqueeze(1)
+        elif mask.shape != (batch, steps):
+            raise ValueError(f"mask must be [batch, time] = {(batch, steps)}, got {tuple(mask.shape)}")
+        x_tm = x.transpose(0, 1).contiguous()  # (T, B, I)
+        mask_tm = mask.to(torch.bool).t().contiguous()  # (T, B)
+        backend = get_backend(self.config.backend, x.device)
+        recording = self.training and torch.is_grad_enabled()
+        outputs = []
+        for d in self.directions:
+            hits = d.hits if recording else None
+            if hits is not None:
+                d.refer += int(mask_tm.sum())
+            outputs.append(
+                MePropLSTMFunction.apply(
+                    x_tm, mask_tm, d.weight_ih, d.weight_hh, d.bias, d.reverse,
+                    self.config, self.selection, self.counting, backend, hits,
+                )
+            )
+        return torch.cat(outputs, dim=2).transpose(0, 1)  # (B, T, H_total)
+
+    def prune_units_(
+        self, keeps: list[Tensor], next_layer: nn.Linear, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Delete hidden units for good: ``keeps[d]`` (``[H_d]`` bool) per direction.
+
+        ``next_layer`` reads this LSTM's output (``in_features == output_size``); its matching input
+        columns are removed too. Optimizer state of every sliced parameter is sliced alike.
+        """
+        if len(keeps) != len(self.directions):
+            raise ValueError(f"need one keep mask per direction ({len(self.directions)}), got {len(keeps)}")
+        if next_layer.in_features != self.output_size:
+            raise ValueError(
+                f"next layer reads {next_layer.in_features} inputs but the LSTM outputs {self.output_size}"
+            )
+        for keep, d in zip(keeps, self.directions):
+            if keep.shape != (d.hidden_size,) or keep.dtype != torch.bool:
+                raise ValueError(f"keep mask must be bool [{d.hidden_size}], got {keep.dtype} {tuple(keep.shape)}")
+            if not bool(keep.any()):
+                raise ValueError("a prune step would remove every unit of a direction; lower the threshold")
+        columns = torch.cat([k.to(next_layer.weight.device) for k in keeps])  # (H_total,)
+        for keep, d in zip(keeps, self.directions):
+            d.prune_units_(keep, optimizer)
+        slice_parameter_(next_layer.weight, optimizer, lambda w: w[:, columns])
+        next_layer.in_features = int(columns.sum())
+
+    def mesimp_prune_(
+        self, threshold: float, next_layer: nn.Linear, optimizer: torch.optim.Optimizer | None = None
+    ) -> list[int]:
+        """meSimp step: drop units with ``hits < floor(refer * threshold)``, reset the record, return kept sizes.
+
+        A direction that saw no tokens since the last step keeps all its units.
+        """
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"prune threshold must be in [0, 1), got {threshold}")
+        if any(d.hits is None for d in self.directions):
+            raise ValueError("meSimp needs hit records: build the LSTM with track_hits=True")
+        keeps = [d.hits >= math.floor(d.refer * threshold) for d in self.directions]
+        # never delete a whole direction: keep at least its most-hit unit
+        for keep, d in zip(keeps, self.directions):
+            if not bool(keep.any()):
+                keep[int(d.hits.argmax())] = True
+        self.prune_units_(keeps, next_layer, optimizer)
+        for d in self.directions:
+            d.hits.zero_()
+            d.refer = 0
+        return [d.hidden_size for d in self.directions]
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"{self.input_size}, {[d.hidden_size for d in self.directions]}, mode={c.mode.value}, k={c.k}, "
+            f"selection={self.selection.value}, backend={c.backend}"
+        )

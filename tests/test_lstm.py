@@ -1,0 +1,255 @@
+"""MePropLSTM against a float64 autograd reference, dense equivalence with nn.LSTM, and meSimp pruning."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mesimp_gpu.backends.reference import topk_mask
+from mesimp_gpu.lstm import GATES, GateSelection, HitCounting, MePropLSTM
+from mesimp_gpu.meprop import MePropConfig, MePropMode, random_indices
+
+F64_TOL = {"atol": 1e-10, "rtol": 1e-10}
+
+
+def reference_gate_mask(
+    g: Tensor, mode: MePropMode, k: int, selection: GateSelection
+) -> Tensor:
+    """Float mask ``[B, 4H]`` of the entries the meProp rule keeps in ``g`` (dense masks, float64 sort)."""
+    batch, width = g.shape
+    hidden = width // GATES
+    per_gate = selection is GateSelection.PER_GATE
+    if mode is MePropMode.DENSE or k >= (hidden if per_gate else width):
+        return torch.ones_like(g)
+    if mode is MePropMode.RANDOM:
+        rows, cols = (batch * GATES, hidden) if per_gate else (batch, width)
+        idx = random_indices(rows, cols, k, g.device)
+        return torch.zeros(rows, cols, dtype=g.dtype).scatter_(1, idx, 1.0).view(batch, width)
+    if mode is MePropMode.UNIFIED:
+        scores = g.abs().sum(dim=0)
+        keep = topk_mask(scores.view(GATES, hidden) if per_gate else scores.view(1, width), k)
+        return keep.reshape(1, width).expand(batch, width).to(g.dtype)
+    return topk_mask(g.view(batch * GATES, hidden) if per_gate else g, k).view(batch, width).to(g.dtype)
+
+
+def reference_direction(
+    x: Tensor, mask: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor, reverse: bool,
+    mode: MePropMode, k: int, selection: GateSelection, masks_out: list[Tensor],
+) -> Tensor:
+    """Step-by-step LSTM with autograd; a hook multiplies each ``dz_t`` reaching the products by the keep mask.
+
+    ``x`` ``[T, B, I]``, ``mask`` ``[T, B]``; the keep masks of every step are appended to ``masks_out``
+    (in backward order) so the caller can count hits.
+    """
+    steps, batch, _ = x.shape
+    hidden = w_hh.shape[1]
+    h = x.new_zeros(batch, hidden)
+    c = x.new_zeros(batch, hidden)
+    outs: list[Tensor | None] = [None] * steps
+
+    def hook(g: Tensor, valid: Tensor) -> Tensor:
+        keep = reference_gate_mask(g, mode, k, selection)
+        masks_out.append(keep[valid])
+        return g * keep
+
+    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+        products = x[t] @ w_ih.t() + h @ w_hh.t()
+        # the mask sits before the bias: the bias gradient stays dense, as in the linear layer
+        products.register_hook(lambda g, valid=mask[t]: hook(g, valid))
+        z = products + bias
+        i, f, g, o = z.chunk(GATES, dim=1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c_new = f * c + i * g
+        h_new = o * c_new.tanh()
+        m = mask[t].unsqueeze(1)
+        outs[t] = torch.where(m, h_new, 0.0)
+        h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+    return torch.stack(outs)  # type: ignore[arg-type]
+
+
+def make_inputs(batch: int, steps: int, features: int) -> tuple[Tensor, Tensor]:
+    """Random float64 input ``[B, T, I]`` and lengths ``[B]`` with the first example full length."""
+    x = torch.randn(batch, steps, features, dtype=torch.float64)
+    lengths = torch.randint(1, steps + 1, (batch,))
+    lengths[0] = steps
+    return x, lengths
+
+
+CASES = [
+    (MePropMode.TOPK, GateSelection.ALL, 3),
+    (MePropMode.TOPK, GateSelection.PER_GATE, 2),
+    (MePropMode.UNIFIED, GateSelection.ALL, 4),
+    (MePropMode.UNIFIED, GateSelection.PER_GATE, 1),
+    (MePropMode.RANDOM, GateSelection.ALL, 5),
+    (MePropMode.RANDOM, GateSelection.PER_GATE, 3),
+    (MePropMode.DENSE, GateSelection.ALL, 1),
+]
+
+
+# random mode draws indices in backward order; autograd's order between the two directions is its own
+# business, so the bidirectional random case cannot replay the same draws in the reference
+GRADIENT_CASES = [
+    (mode, selection, k, bidirectional)
+    for mode, selection, k in CASES
+    for bidirectional in (False, True)
+    if not (bidirectional and mode is MePropMode.RANDOM)
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize(("mode", "selection", "k", "bidirectional"), GRADIENT_CASES)
+def test_gradients_match_masked_reference(
+    seed: int, backend: str, bidirectional: bool, mode: MePropMode, selection: GateSelection, k: int
+) -> None:
+    batch, steps, features, hidden = 3, 5, 4, 6
+    lstm = MePropLSTM(
+        features, hidden, MePropConfig(mode=mode, k=k, backend=backend), bidirectional=bidirectional,
+        selection=selection, counting=HitCounting.ANY, track_hits=True,
+    ).double()
+    x, lengths = make_inputs(batch, steps, features)
+    mask = torch.arange(steps) < lengths.unsqueeze(1)
+    weights = torch.randn(batch, steps, lstm.output_size, dtype=torch.float64)
+
+    x_ours = x.clone().requires_grad_(True)
+    rng = torch.get_rng_state()
+    (lstm(x_ours, lengths=lengths) * weights).sum().backward()
+
+    torch.set_rng_state(rng)  # random mode: the reference draws the same indices in the same order
+    x_ref = x.clone().transpose(0, 1).requires_grad_(True)
+    ref_params = [[p.detach().clone().requires_grad_(True) for p in (d.weight_ih, d.weight_hh, d.bias)]
+                  for d in lstm.directions]
+    kept_masks: list[list[Tensor]] = [[] for _ in lstm.directions]
+    outs = [
+        reference_direction(x_ref, mask.t(), *params, d.reverse, mode, k, selection, kept)
+        for d, params, kept in zip(lstm.directions, ref_params, kept_masks)
+    ]
+    # one backward per direction so the hooks (and random draws) run in the same order as ours
+    for out, block in zip(outs, weights.transpose(0, 1).split(hidden, dim=2)):
+        (out * block).sum().backward()
+
+    torch.testing.assert_close(x_ours.grad, x_ref.grad.transpose(0, 1), **F64_TOL)
+    for d, params, kept in zip(lstm.directions, ref_params, kept_masks):
+        for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
+            torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
+        touched = torch.cat(kept).view(-1, GATES, hidden).amax(dim=1)  # any gate of the unit kept
+        assert d.hits.tolist() == touched.sum(dim=0).long().tolist()
+        assert d.refer == int(lengths.sum())
+
+
+def test_each_gate_counting_counts_every_selected_entry(seed: int) -> None:
+    hidden, k = 5, 2
+    lstm = MePropLSTM(3, hidden, MePropConfig(k=k, backend="reference"), selection=GateSelection.PER_GATE,
+                      counting=HitCounting.EACH_GATE, track_hits=True).double()
+    x, lengths = make_inputs(4, 3, 3)
+    lstm(x, lengths=lengths).sum().backward()
+    d = lstm.directions[0]
+    assert int(d.hits.sum()) == GATES * k * int(lengths.sum())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("selection", list(GateSelection))
+def test_full_k_equals_nn_lstm(seed: int, bidirectional: bool, selection: GateSelection) -> None:
+    """k covering the whole row is dense back propagation: same outputs and gradients as ``nn.LSTM``."""
+    batch, steps, features, hidden = 4, 6, 3, 5
+    k = hidden if selection is GateSelection.PER_GATE else GATES * hidden
+    lstm = MePropLSTM(features, hidden, MePropConfig(k=k, backend="torch"), bidirectional=bidirectional,
+                      selection=selection).double()
+    torch_lstm = nn.LSTM(features, hidden, batch_first=True, bidirectional=bidirectional).double()
+    with torch.no_grad():
+        for suffix, d in zip(("", "_reverse"), lstm.directions):
+            getattr(torch_lstm, f"weight_ih_l0{suffix}").copy_(d.weight_ih)
+            getattr(torch_lstm, f"weight_hh_l0{suffix}").copy_(d.weight_hh)
+            getattr(torch_lstm, f"bias_ih_l0{suffix}").copy_(d.bias)
+            getattr(torch_lstm, f"bias_hh_l0{suffix}").zero_()
+    x, lengths = make_inputs(batch, steps, features)
+    weights = torch.randn(batch, steps, lstm.output_size, dtype=torch.float64)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+
+    out1 = lstm(x1, lengths=lengths)
+    packed = nn.utils.rnn.pack_padded_sequence(x2, lengths, batch_first=True, enforce_sorted=False)
+    out2, _ = nn.utils.rnn.pad_packed_sequence(torch_lstm(packed)[0], batch_first=True, total_length=steps)
+    (out1 * weights).sum().backward()
+    (out2 * weights).sum().backward()
+
+    tol = {"atol": 1e-12, "rtol": 1e-12}
+    torch.testing.assert_close(out1, out2, **tol)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    for suffix, d in zip(("", "_reverse"), lstm.directions):
+        torch.testing.assert_close(d.weight_ih.grad, getattr(torch_lstm, f"weight_ih_l0{suffix}").grad, **tol)
+        torch.testing.assert_close(d.weight_hh.grad, getattr(torch_lstm, f"weight_hh_l0{suffix}").grad, **tol)
+        torch.testing.assert_close(d.bias.grad, getattr(torch_lstm, f"bias_ih_l0{suffix}").grad, **tol)
+
+
+def test_sparse_gradient_differs_from_dense(seed: int) -> None:
+    """Guards the tests above against a sparsification that silently does nothing."""
+    x, lengths = make_inputs(2, 4, 3)
+    grads = []
+    for k in (1, 4 * 6):
+        torch.manual_seed(seed)
+        lstm = MePropLSTM(3, 6, MePropConfig(k=k, backend="torch"), selection=GateSelection.ALL).double()
+        lstm(x, lengths=lengths).sum().backward()
+        grads.append(lstm.directions[0].weight_hh.grad)
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def masked_copy(lstm: MePropLSTM, head: nn.Linear, keeps: list[Tensor]) -> tuple[MePropLSTM, nn.Linear]:
+    """The C# reference's view of pruning: same sizes, pruned units' outgoing weights zeroed."""
+    lstm2, head2 = copy.deepcopy(lstm), copy.deepcopy(head)
+    with torch.no_grad():
+        for keep, d in zip(keeps, lstm2.directions):
+            d.weight_hh[:, ~keep] = 0.0
+        head2.weight[:, ~torch.cat(keeps)] = 0.0
+    return lstm2, head2
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_prune_keeps_surviving_outputs(seed: int, bidirectional: bool) -> None:
+    features, hidden, classes = 3, 7, 4
+    lstm = MePropLSTM(features, hidden, MePropConfig(k=2, backend="torch"), bidirectional=bidirectional,
+                      track_hits=True).double()
+    head = nn.Linear(lstm.output_size, classes).double()
+    optimizer = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=1e-3)
+    x, lengths = make_inputs(3, 5, features)
+    head(lstm(x, lengths=lengths)).sum().backward()
+    optimizer.step()
+
+    keeps = [torch.rand(hidden) < 0.5 for _ in lstm.directions]
+    for keep in keeps:
+        keep[0] = True
+    masked_lstm, masked_head = masked_copy(lstm, head, keeps)
+    old_state = {name: {k: v.clone() for k, v in optimizer.state[p].items()}
+                 for name, p in lstm.directions[-1].named_parameters()}
+
+    lstm.prune_units_(keeps, head, optimizer)
+    assert lstm.output_size == int(sum(k.sum() for k in keeps)) == head.in_features == head.weight.shape[1]
+    with torch.no_grad():
+        torch.testing.assert_close(head(lstm(x, lengths=lengths)), masked_head(masked_lstm(x, lengths=lengths)),
+                                   atol=1e-12, rtol=1e-12)
+        full = masked_lstm(x, lengths=lengths)
+        torch.testing.assert_close(lstm(x, lengths=lengths), full[:, :, torch.cat(keeps)], atol=1e-12, rtol=1e-12)
+
+    rows = keeps[-1].repeat(GATES)
+    state = optimizer.state[lstm.directions[-1].weight_hh]
+    torch.testing.assert_close(state["exp_avg"], old_state["weight_hh"]["exp_avg"][rows][:, keeps[-1]])
+    torch.testing.assert_close(optimizer.state[lstm.directions[-1].bias]["exp_avg_sq"],
+                               old_state["bias"]["exp_avg_sq"][rows])
+    # the sliced state fits the sliced parameters: training goes on
+    optimizer.zero_grad()
+    head(lstm(x, lengths=lengths)).sum().backward()
+    optimizer.step()
+
+
+def test_mesimp_prune_uses_hit_threshold() -> None:
+    lstm = MePropLSTM(2, 5, MePropConfig(k=1), track_hits=True)
+    head = nn.Linear(5, 3)
+    d = lstm.directions[0]
+    d.hits.copy_(torch.tensor([10, 0, 3, 4, 9]))
+    d.refer = 40
+    kept_rows = head.weight[:, [0, 3, 4]].detach().clone()
+    assert lstm.mesimp_prune_(0.1, head) == [3]  # floor(40 * 0.1) = 4: units with >= 4 hits (0, 3, 4) stay
+    torch.testing.assert_close(head.weight.detach(), kept_rows)
+    assert d.hits.tolist() == [0, 0, 0] and d.refer == 0
