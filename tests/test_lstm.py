@@ -140,6 +140,30 @@ def test_gradients_match_masked_reference(
         assert d.refer == int(lengths.sum())
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_mask_with_holes_carries_state(seed: int, bidirectional: bool) -> None:
+    """A mask that is not a prefix: state and its gradient pass through the masked steps."""
+    batch, steps, features, hidden, k = 3, 6, 4, 5, 3
+    lstm = MePropLSTM(features, hidden, MePropConfig(k=k, backend="torch"), bidirectional=bidirectional,
+                      selection=GateSelection.ALL).double()
+    x = torch.randn(batch, steps, features, dtype=torch.float64)
+    mask = torch.rand(batch, steps) < 0.6
+    mask[:, 0] = mask[:, -1] = True
+    mask[:, 2] = False
+    weights = torch.randn(batch, steps, lstm.output_size, dtype=torch.float64)
+    x_ours = x.clone().requires_grad_(True)
+    (lstm(x_ours, mask=mask) * weights).sum().backward()
+
+    x_ref = x.clone().transpose(0, 1).requires_grad_(True)
+    for d, block in zip(lstm.directions, weights.transpose(0, 1).split(hidden, dim=2)):
+        params = [p.detach().clone().requires_grad_(True) for p in (d.weight_ih, d.weight_hh, d.bias)]
+        out = reference_direction(x_ref, mask.t(), *params, d.reverse, MePropMode.TOPK, k, GateSelection.ALL, [])
+        (out * block).sum().backward()
+        for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
+            torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad.transpose(0, 1), **F64_TOL)
+
+
 def test_each_gate_counting_counts_every_selected_entry(seed: int) -> None:
     hidden, k = 5, 2
     lstm = MePropLSTM(3, hidden, MePropConfig(k=k, backend="reference"), selection=GateSelection.PER_GATE,
