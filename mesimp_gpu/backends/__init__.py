@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 REGISTRY: dict[str, tuple[str, str]] = {
     "reference": ("mesimp_gpu.backends.reference", "ReferenceBackend"),
     "torch": ("mesimp_gpu.backends.torch_backend", "TorchBackend"),
+    "cpu": ("mesimp_gpu.backends.cpu", "CpuBackend"),
 }
 
 #: the order ``auto`` tries, per device type; the first that loads wins

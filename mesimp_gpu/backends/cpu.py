@@ -1,0 +1,136 @@
+"""The fast CPU backend: a C++ kernel (``cpu_kernels.cpp``) built at first use and cached.
+
+Per-example meProp runs as one call that selects, counts meSimp hits and computes both products:
+
+- selection: a threshold selection per row in O(n) (chunk maxima bound the k-th largest magnitude
+  from below, ``nth_element`` over the few candidates finds it exactly), ties to the lower column;
+- ``dx = G_k @ W``: one task per example, a weighted sum of its ``k`` rows of ``W``;
+- ``dW = G_k.T @ x``: the kept ``(example, value)`` pairs are bucketed by column, and one task per
+  output row sums its bucket's rows of ``x``. Every row of ``dW`` is written by one thread in a fixed
+  order, so ``dW`` is bit-identical for any thread count.
+
+Both loops run on torch's intra-op thread pool (``torch.get_num_threads()``). The kernel is compiled
+with ``-O3 -march=native`` by :func:`torch.utils.cpp_extension.load_inline` into the torch extensions
+directory (``TORCH_EXTENSIONS_DIR``); its name carries a hash of the source and of the CPU's feature
+flags, so a cache shared between machines never loads code built for another CPU. Without a working
+compiler (or ninja) the constructor raises :class:`BackendUnavailable`, which ``auto`` logs before
+falling back to the ``torch`` backend.
+
+Unified top-k runs its two reduced products as BLAS GEMMs (``torch.mm``) on ``G[:, S]`` and ``W[S]``.
+Tensors the kernel does not handle (other devices, half precision) go to the ``torch`` backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from mesimp_gpu.backends.base import Backend, check_finite, check_k
+from mesimp_gpu.backends.torch_backend import TorchBackend
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_signature() -> str:
+    """A string that changes with the CPU's instruction set (what ``-march=native`` compiles for)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_kernels() -> ModuleType:
+    """Compile (first use, tens of seconds) or load from cache the C++ kernels.
+
+    Raises :class:`~mesimp_gpu.backends.BackendUnavailable` when building fails for any reason
+    (no compiler, no ninja, a broken toolchain).
+    """
+    from mesimp_gpu.backends import BackendUnavailable  # the registry imports this module lazily
+
+    source = SOURCE.read_text()
+    digest = hashlib.sha256((source + cpu_signature() + " ".join(CFLAGS)).encode()).hexdigest()[:12]
+    start = time.perf_counter()
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        module = load_inline(
+            name=f"mesimp_cpu_kernels_{digest}",
+            cpp_sources=[source],
+            functions=FUNCTIONS,
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # any failure to build means "not available here"
+        raise BackendUnavailable(
+            f"backend 'cpu' needs a C++ compiler and ninja to build its kernels ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); use backend 'torch' instead"
+        ) from exc
+    log.info("cpu kernels ready in %.1f s", time.perf_counter() - start)
+    return module
+
+
+class CpuBackend(Backend):
+    """Fused, multi-threaded per-example meProp on CPU; see the module docstring."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        self.ops = load_kernels()
+        self.portable = TorchBackend()
+
+    @staticmethod
+    def handles(*tensors: Tensor) -> bool:
+        """True when every tensor is a CPU float32/float64 tensor of one dtype (what the kernel takes)."""
+        dtype = tensors[0].dtype
+        return dtype in NATIVE_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+    def topk_indices(self, g: Tensor, k: int) -> Tensor:
+        if not self.handles(g):
+            return self.portable.topk_indices(g, k)
+        k = check_k(k, g.shape[1])
+        idx, finite = self.ops.topk_indices(g.contiguous(), k)
+        if not finite:
+            check_finite(g)  # the kernel saw NaN or inf: raises InvalidGradientError
+        return idx
+
+    def sparse_backward(self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.handles(g, x, weight):
+            return self.portable.sparse_backward(g, idx, x, weight)
+        return self.ops.sparse_backward(g.contiguous(), idx.contiguous(), x.contiguous(), weight.contiguous(), None)
+
+    def topk_backward(
+        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.handles(g, x, weight):
+            return self.portable.topk_backward(g, x, weight, k, hits)
+        k = check_k(k, g.shape[1])
+        dx, dw, idx, finite = self.ops.topk_backward(g.contiguous(), x.contiguous(), weight.contiguous(), k, hits)
+        if not finite:
+            check_finite(g)  # the kernel saw NaN or inf: raises InvalidGradientError
+        return dx, dw, idx
+
+    def unified_backward(self, g: Tensor, x: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.handles(g, x, weight):
+            return self.portable.unified_backward(g, x, weight, k)
+        scores = g.abs().sum(dim=0, keepdim=True)  # (1, out)
+        cols = self.topk_indices(scores, k)[0]  # (k,) ascending
+        g_s = g.index_select(1, cols)  # (B, k)
+        dx = g_s.mm(weight.index_select(0, cols))  # (B, k) @ (k, in)
+        dw = self.ops.scatter_rows(g_s.t().mm(x).contiguous(), cols, weight.shape[0])  # (out, in), zero off cols
+        return dx, dw, cols
