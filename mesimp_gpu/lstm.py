@@ -175,7 +175,7 @@ class MePropLSTMFunction(torch.autograd.Function):
         dz_all = x.new_zeros(steps, batch, GATES * hidden)
         kept = GATES * config.k if per_gate else config.k
         idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
-        d_weight_hh = torch.zeros_like(weight_hh)
+        d_weight_hh = None if dense else torch.zeros_like(weight_hh)
         dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
         dc = x.new_zeros(batch, hidden)
         order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
@@ -192,8 +192,7 @@ class MePropLSTMFunction(torch.autograd.Function):
             dz[:, 2 * hidden : 3 * hidden] = dc_total * i * (1.0 - g * g)
             dz[:, 3 * hidden :] = dh_new * tanh_c * o * (1.0 - o)
             if dense:
-                dh_rec = dz @ weight_hh
-                d_weight_hh.addmm_(dz.t(), h_prev_all[t])
+                dh_rec = dz @ weight_hh  # dW_h: one GEMM over all steps after the loop
             else:
                 idx = select_gate_entries(dz, config, ctx.selection, backend)
                 idx_all[t] = idx
@@ -212,6 +211,7 @@ class MePropLSTMFunction(torch.autograd.Function):
         x_flat = x.reshape(steps * batch, -1)
         if dense:
             dx, d_weight_ih = dz_flat @ weight_ih, dz_flat.t() @ x_flat
+            d_weight_hh = dz_flat.t() @ h_prev_all.view(steps * batch, hidden)
             d_bias = dz_flat.sum(dim=0)
         else:
             idx_flat = idx_all.view(steps * batch, kept)

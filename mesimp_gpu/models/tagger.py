@@ -1,0 +1,66 @@
+"""The POS tagger of the meProp paper: embeddings + shape features -> meProp LSTM -> softmax.
+
+Per token: a word embedding (``word_dim``, 50 in the paper) concatenated with one embedding
+(``feature_dim``, 20) per shape feature (:data:`~mesimp_gpu.data.conllu.SHAPE_FEATURES`, 7 as in the
+paper), fed to a :class:`~mesimp_gpu.lstm.MePropLSTM` (hidden 500), whose output goes through a plain
+``nn.Linear`` (full back propagation) to tag scores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mesimp_gpu.data.conllu import IGNORE_TAG, PAD_ID, Batch
+from mesimp_gpu.lstm import GateSelection, HitCounting, MePropLSTM
+from mesimp_gpu.meprop import MePropConfig
+
+
+class Tagger(nn.Module):
+    """Sequence tagger; :meth:`forward` maps a :class:`Batch` to logits ``[B, T, tags]``."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_sizes: list[int],
+        tag_count: int,
+        config: MePropConfig,
+        hidden: int = 500,
+        word_dim: int = 50,
+        feature_dim: int = 20,
+        bidirectional: bool = False,
+        selection: GateSelection = GateSelection.PER_GATE,
+        counting: HitCounting = HitCounting.ANY,
+        track_hits: bool = False,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 2 or tag_count < 1 or any(n < 2 for n in feature_sizes):
+            raise ValueError(
+                f"vocabularies too small: words {vocab_size}, features {feature_sizes}, tags {tag_count}"
+            )
+        self.words = nn.Embedding(vocab_size, word_dim, padding_idx=PAD_ID)
+        self.features = nn.ModuleList(nn.Embedding(n, feature_dim, padding_idx=PAD_ID) for n in feature_sizes)
+        self.lstm = MePropLSTM(
+            word_dim + feature_dim * len(feature_sizes), hidden, config, bidirectional=bidirectional,
+            selection=selection, counting=counting, track_hits=track_hits,
+        )
+        self.output = nn.Linear(self.lstm.output_size, tag_count)
+
+    def forward(self, batch: Batch) -> Tensor:
+        """``batch`` (words ``[B, T]``, features ``[B, T, F]``, lengths ``[B]``) -> logits ``[B, T, tags]``."""
+        if batch.features.shape[2] != len(self.features):
+            raise ValueError(f"batch has {batch.features.shape[2]} features, the tagger expects {len(self.features)}")
+        parts = [self.words(batch.words)]
+        parts += [emb(batch.features[:, :, i]) for i, emb in enumerate(self.features)]
+        hidden = self.lstm(torch.cat(parts, dim=2), lengths=batch.lengths)  # (B, T, H_total)
+        return self.output(hidden)
+
+    def loss(self, logits: Tensor, tags: Tensor) -> Tensor:
+        """Cross-entropy summed over the real tokens (padding carries :data:`IGNORE_TAG`)."""
+        return nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), tags.reshape(-1), ignore_index=IGNORE_TAG, reduction="sum"
+        )
+
+    def mesimp_prune_(self, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """Prune the LSTM's rarely selected units (and the output layer's columns); return kept sizes."""
+        return self.lstm.mesimp_prune_(threshold, self.output, optimizer)
