@@ -47,10 +47,20 @@ def _meprop_dx_kernel(vals_ptr, idx_ptr, w_ptr, dx_ptr, k, n_in, BLOCK_K: tl.con
     tl.store(dx_ptr + row * n_in + in_cols, acc.to(dx_ptr.dtype.element_ty), mask=in_cols < n_in)
 
 
-def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+def output_buffer(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
+    """``out`` after checking it, or a fresh uninitialised tensor (launchers' kernels write every element)."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)} tensor on {device}")
+    return out
+
+
+def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
     """``dx = G_k @ weight`` from ``vals``/``idx`` (``[B, k]``) and ``weight`` (``[out, in]``) -> ``[B, in]``.
 
-    ``dx`` has ``weight``'s dtype. Indices must lie in ``[0, out)`` (not checked on the device).
+    ``dx`` has ``weight``'s dtype and is written to ``out`` when given (contiguous ``[B, in]``).
+    Indices must lie in ``[0, out)`` (not checked on the device).
     """
     if vals.shape != idx.shape or vals.dim() != 2:
         raise ValueError(f"vals and idx must both be [B, k], got {tuple(vals.shape)} and {tuple(idx.shape)}")
@@ -61,7 +71,7 @@ def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     vals, idx, weight = vals.contiguous(), idx.contiguous(), weight.contiguous()
     batch, k = vals.shape
     n_in = weight.shape[1]
-    dx = torch.empty(batch, n_in, dtype=weight.dtype, device=weight.device)
+    dx = output_buffer(out, (batch, n_in), weight.dtype, weight.device, "dx")
     block_in = min(128, triton.next_power_of_2(n_in))
     if batch and k:
         _meprop_dx_kernel[(batch, triton.cdiv(n_in, block_in))](

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mesimp_gpu.kernels.gather import gather_rows_dot, meprop_dx
+from mesimp_gpu.kernels.gather import gather_rows_dot, meprop_dx, output_buffer
 
 #: rows up to this width are held in registers during the search; longer rows are streamed
 MAX_RESIDENT = 8192
@@ -166,15 +166,16 @@ def _launch(
     hits: Tensor | None,
     weight: Tensor | None,
     block_n: int | None,
+    out: tuple[Tensor | None, ...],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     g = g.contiguous()
     batch, n = g.shape
-    vals = torch.empty(batch, k, dtype=g.dtype, device=g.device)
-    idx = torch.empty(batch, k, dtype=torch.int64, device=g.device)
+    vals = output_buffer(out[0], (batch, k), g.dtype, g.device, "vals")
+    idx = output_buffer(out[1], (batch, k), torch.int64, g.device, "idx")
     block, resident = _select_block(n, block_n)
     fuse = weight is not None
     n_in = weight.shape[1] if fuse else 1
-    dx = torch.empty(batch, n_in, dtype=weight.dtype, device=g.device) if fuse else None
+    dx = output_buffer(out[2], (batch, n_in), weight.dtype, g.device, "dx") if fuse else None
     if batch:
         _topk_rows_kernel[(batch,)](
             g,
@@ -197,16 +198,23 @@ def _launch(
     return vals, idx, dx
 
 
-def topk_select(g: Tensor, k: int, hits: Tensor | None = None, block_n: int | None = None) -> tuple[Tensor, Tensor]:
+def topk_select(
+    g: Tensor,
+    k: int,
+    hits: Tensor | None = None,
+    block_n: int | None = None,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Row-wise top-k of ``|g|`` (``[B, n]``) -> ``(vals [B, k], idx [B, k] int64 ascending)``.
 
     ``hits`` (``[n]`` int64), when given, is incremented in place for every kept index.
     ``block_n`` forces the streaming path with chunks of that width (used by tests on tiny rows).
-    The caller checks that ``g`` is finite (a NaN has no rank).
+    ``out`` optionally supplies the ``(vals, idx)`` buffers. The caller checks that ``g`` is finite
+    (a NaN has no rank).
     """
     _check_g(g, k)
     _check_hits(hits, g)
-    vals, idx, _ = _launch(g, k, hits, None, block_n)
+    vals, idx, _ = _launch(g, k, hits, None, block_n, out or (None, None))
     return vals, idx
 
 
@@ -217,6 +225,7 @@ def topk_dx(
     hits: Tensor | None = None,
     fuse: bool | None = None,
     block_n: int | None = None,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Selection and ``dx = G_k @ weight`` -> ``(vals [B, k], idx [B, k], dx [B, in])``.
 
@@ -224,6 +233,7 @@ def topk_dx(
     per row: saves a launch and the re-read of ``idx``, but uses only ``B`` programs); without it a
     separate gather kernel with ``B x ceil(in / BLOCK_IN)`` programs computes ``dx``. The default
     fuses when the batch alone fills the device (``B >=`` the number of SMs, or always off CUDA).
+    ``out`` optionally supplies the ``(vals, idx, dx)`` buffers.
     """
     _check_g(g, k)
     _check_hits(hits, g)
@@ -232,9 +242,10 @@ def topk_dx(
     weight = weight.contiguous()
     if fuse is None:
         fuse = g.device.type != "cuda" or g.shape[0] >= torch.cuda.get_device_properties(g.device).multi_processor_count
+    out = out or (None, None, None)
     if fuse:
-        vals, idx, dx = _launch(g, k, hits, weight, block_n)
+        vals, idx, dx = _launch(g, k, hits, weight, block_n, out)
         assert dx is not None
         return vals, idx, dx
-    vals, idx, _ = _launch(g, k, hits, None, block_n)
-    return vals, idx, meprop_dx(vals, idx, weight)
+    vals, idx, _ = _launch(g, k, hits, None, block_n, out[:2])
+    return vals, idx, meprop_dx(vals, idx, weight, out=out[2])

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mesimp_gpu.kernels.gather import output_buffer
 from mesimp_gpu.kernels.topk import topk_select
 
 
@@ -43,13 +44,13 @@ def _column_abs_sum_kernel(g_ptr, scores_ptr, batch, n, BLOCK_B: tl.constexpr, B
     tl.store(scores_ptr + cols, acc, mask=col_mask)
 
 
-def column_scores(g: Tensor) -> Tensor:
-    """``s = sum_b |g[b, :]|`` for ``g`` ``[B, out]`` -> ``[out]`` float32 (deterministic)."""
+def column_scores(g: Tensor, out: Tensor | None = None) -> Tensor:
+    """``s = sum_b |g[b, :]|`` for ``g`` ``[B, out]`` -> ``[out]`` float32 (deterministic), into ``out`` if given."""
     if g.dim() != 2:
         raise ValueError(f"g must be 2-D [B, out], got shape {tuple(g.shape)}")
     g = g.contiguous()
     batch, n = g.shape
-    scores = torch.empty(n, dtype=torch.float32, device=g.device)
+    scores = output_buffer(out, (n,), torch.float32, g.device, "scores")
     block_n = min(128, triton.next_power_of_2(n))
     _column_abs_sum_kernel[(triton.cdiv(n, block_n),)](
         g, scores, batch, n, BLOCK_B=min(32, triton.next_power_of_2(max(batch, 1))), BLOCK_N=block_n

@@ -23,6 +23,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
     "reference": ("mesimp_gpu.backends.reference", "ReferenceBackend"),
     "torch": ("mesimp_gpu.backends.torch_backend", "TorchBackend"),
     "cpu": ("mesimp_gpu.backends.cpu", "CpuBackend"),
+    "triton": ("mesimp_gpu.backends.triton_backend", "TritonBackend"),
+    "cupy": ("mesimp_gpu.backends.cupy_backend", "CupyBackend"),
 }
 
 #: the order ``auto`` tries, per device type; the first that loads wins

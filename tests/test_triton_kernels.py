@@ -1,0 +1,324 @@
+"""Triton kernels and the Triton backend against the float64 reference backend.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (``conftest`` sets
+``TRITON_INTERPRET=1``), so shapes stay tiny; with CUDA the same tests run on the GPU, and the
+``gpu``-marked tests at the end add realistic sizes. Outputs are poisoned (NaN / -1) before the
+kernels run, so an element a kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+pytest.importorskip("triton")
+
+from mesimp_gpu.backends import BackendUnavailable, get_backend  # noqa: E402
+from mesimp_gpu.backends.base import InvalidGradientError  # noqa: E402
+from mesimp_gpu.backends.reference import ReferenceBackend  # noqa: E402
+from mesimp_gpu.kernels.gather import meprop_dx  # noqa: E402
+from mesimp_gpu.kernels.rows import meprop_adam_update, meprop_dw, meprop_sgd_update  # noqa: E402
+from mesimp_gpu.kernels.topk import topk_dx, topk_select  # noqa: E402
+from mesimp_gpu.kernels.unified import column_scores, unified_backward  # noqa: E402
+from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REF = ReferenceBackend()
+
+#: dtype -> (atol, rtol) for float32-accumulated products compared with the float64 reference
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-2, 1e-2),
+}
+
+
+def make_g(rows: int, cols: int, kind: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Output gradients ``[rows, cols]``: ``random`` normal, ``ties`` small integers (many ties and
+    zeros), ``sparse`` mostly zero (rows with fewer non-zeros than ``k``)."""
+    if kind == "random":
+        g = torch.randn(rows, cols)
+    elif kind == "ties":
+        g = torch.randint(-3, 4, (rows, cols)).float()
+    elif kind == "sparse":
+        g = torch.randn(rows, cols) * (torch.rand(rows, cols) < 0.1)
+        g[0] = 0.0
+    else:
+        raise ValueError(kind)
+    return g.to(dtype=dtype, device=DEVICE)
+
+
+def random_indices(rows: int, cols: int, k: int) -> Tensor:
+    """``k`` distinct ascending columns per row -> ``[rows, k]`` int64."""
+    return torch.rand(rows, cols).argsort(dim=1)[:, :k].sort(dim=1).values.to(DEVICE)
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype = torch.float32) -> None:
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=atol, rtol=rtol)
+
+
+def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=DEVICE)
+
+
+# (rows, cols, k, block_n): block_n forces the streamed path with chunks smaller than the row
+SELECT_SHAPES = [
+    (1, 1, 1, None),
+    (1, 37, 5, None),
+    (5, 37, 1, None),
+    (5, 37, 7, None),
+    (5, 37, 37, None),
+    (16, 128, 20, None),
+    (4, 100, 33, 32),
+    (3, 37, 7, 8),
+    (3, 37, 37, 8),
+]
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+@pytest.mark.parametrize(("rows", "cols", "k", "block_n"), SELECT_SHAPES)
+def test_topk_select_matches_reference(seed: int, rows: int, cols: int, k: int, block_n: int | None, kind: str) -> None:
+    g = make_g(rows, cols, kind)
+    hits0 = torch.randint(0, 5, (cols,), device=DEVICE)
+    hits = hits0.clone()
+    out = (poisoned((rows, k), g.dtype), poisoned((rows, k), torch.int64))
+    vals, idx = topk_select(g, k, hits=hits, block_n=block_n, out=out)
+    expected = REF.topk_indices(g.cpu(), k)
+    assert torch.equal(idx.cpu(), expected)
+    assert torch.equal(vals.cpu(), g.cpu().gather(1, expected))
+    assert torch.equal(hits.cpu(), hits0.cpu() + torch.bincount(expected.reshape(-1), minlength=cols))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_topk_select_half_precision(seed: int, dtype: torch.dtype) -> None:
+    g = make_g(6, 45, "random", dtype)
+    vals, idx = topk_select(g, 9)
+    expected = REF.topk_indices(g.cpu(), 9)
+    assert torch.equal(idx.cpu(), expected)
+    assert torch.equal(vals.cpu(), g.cpu().gather(1, expected))
+
+
+def test_topk_select_invariants(seed: int) -> None:
+    """Exactly ``k`` distinct ascending indices, every kept magnitude >= every dropped one."""
+    g = make_g(8, 50, "ties")
+    k = 13
+    _, idx = topk_select(g, k)
+    a = g.abs().cpu()
+    idx = idx.cpu()
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())
+    kept = torch.zeros_like(a, dtype=torch.bool).scatter_(1, idx, True)
+    assert bool((kept.sum(dim=1) == k).all())
+    min_kept = torch.where(kept, a, torch.inf).min(dim=1).values
+    max_dropped = torch.where(kept, -torch.inf, a).max(dim=1).values
+    assert bool((min_kept >= max_dropped).all())
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize(("rows", "cols", "n_in", "k", "block_n"), [(5, 37, 20, 7, None), (1, 16, 3, 16, None), (4, 40, 130, 9, 16)])
+def test_topk_dx_matches_reference(seed: int, rows: int, cols: int, n_in: int, k: int, block_n: int | None, fuse: bool) -> None:
+    g = make_g(rows, cols, "random")
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    hits = torch.zeros(cols, dtype=torch.int64, device=DEVICE)
+    out = (poisoned((rows, k), g.dtype), poisoned((rows, k), torch.int64), poisoned((rows, n_in), weight.dtype))
+    vals, idx, dx = topk_dx(g, k, weight, hits=hits, fuse=fuse, block_n=block_n, out=out)
+    expected_idx = REF.topk_indices(g.cpu(), k)
+    assert torch.equal(idx.cpu(), expected_idx)
+    assert torch.equal(vals.cpu(), g.cpu().gather(1, expected_idx))
+    assert torch.equal(hits.cpu(), torch.bincount(expected_idx.reshape(-1), minlength=cols))
+    expected_dx, _ = REF.sparse_backward(g.cpu(), expected_idx, torch.zeros(rows, n_in), weight.cpu())
+    assert_close(dx, expected_dx)
+
+
+@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(5, 37, 20, 7), (1, 9, 1, 9), (3, 70, 129, 33)])
+def test_meprop_dx_given_indices(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
+    g = make_g(rows, cols, "random")
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    idx = random_indices(rows, cols, k)
+    dx = meprop_dx(g.gather(1, idx), idx, weight, out=poisoned((rows, n_in), weight.dtype))
+    expected, _ = REF.sparse_backward(g.cpu(), idx.cpu(), torch.zeros(rows, n_in), weight.cpu())
+    assert_close(dx, expected)
+
+
+@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(5, 37, 20, 7), (1, 9, 3, 9), (16, 40, 130, 5)])
+def test_meprop_dw_accumulates_deterministically(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
+    g = make_g(rows, cols, "random")
+    x = torch.randn(rows, n_in, device=DEVICE)
+    idx = random_indices(rows, cols, k)
+    vals = g.gather(1, idx)
+    start = torch.randn(cols, n_in, device=DEVICE)
+    dw = meprop_dw(vals, idx, x, cols, dw=start.clone())
+    _, expected = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), torch.zeros(cols, n_in))
+    assert_close(dw, start.cpu().double() + expected.double())
+    fresh = meprop_dw(vals, idx, x, cols)
+    assert_close(fresh, expected)
+    assert torch.equal(meprop_dw(vals, idx, x, cols), fresh), "dW is not bitwise reproducible"
+
+
+def _touched_rows(idx: Tensor, rows: int) -> Tensor:
+    return torch.zeros(rows, dtype=torch.bool).index_fill_(0, idx.reshape(-1).cpu(), True)[:, None]
+
+
+def test_sgd_update_touches_selected_rows_only(seed: int) -> None:
+    rows, cols, n_in, k, lr = 4, 30, 19, 3, 0.05
+    g = make_g(rows, cols, "random")
+    x = torch.randn(rows, n_in, device=DEVICE)
+    idx = random_indices(rows, cols, k)
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    before = weight.cpu().clone()
+    meprop_sgd_update(g.gather(1, idx), idx, x, weight, lr)
+    _, dw = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), before)
+    expected = torch.where(_touched_rows(idx, cols), before - lr * dw, before)
+    assert_close(weight, expected)
+    untouched = ~_touched_rows(idx, cols).expand(cols, n_in)
+    assert torch.equal(weight.cpu()[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_adam_update_is_lazy_adam(seed: int, clip: float | None) -> None:
+    rows, cols, n_in, k, step = 4, 30, 19, 3, 3
+    lr, (beta1, beta2), eps = 0.01, (0.9, 0.999), 1e-8
+    g = make_g(rows, cols, "random")
+    x = torch.randn(rows, n_in, device=DEVICE)
+    idx = random_indices(rows, cols, k)
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    m, v = torch.randn(cols, n_in, device=DEVICE), torch.rand(cols, n_in, device=DEVICE)
+    w0, m0, v0 = weight.cpu().double(), m.cpu().double(), v.cpu().double()
+    meprop_adam_update(g.gather(1, idx), idx, x, weight, m, v, step, lr, (beta1, beta2), eps, clip)
+
+    _, d = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), torch.zeros(cols, n_in))
+    d = d.double()
+    if clip is not None:
+        d = d.clamp(-clip, clip)
+    m1 = beta1 * m0 + (1 - beta1) * d
+    v1 = beta2 * v0 + (1 - beta2) * d * d
+    w1 = w0 - lr / (1 - beta1**step) * m1 / (v1.sqrt() / (1 - beta2**step) ** 0.5 + eps)
+    touched = _touched_rows(idx, cols)
+    assert_close(m, torch.where(touched, m1, m0))
+    assert_close(v, torch.where(touched, v1, v0))
+    assert_close(weight, torch.where(touched, w1, w0))
+
+
+@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(6, 37, 20, 7), (1, 12, 5, 12), (16, 128, 33, 1)])
+def test_unified_matches_reference(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
+    g = make_g(rows, cols, "ties")  # integer entries: column sums are exact, so ties are real ties
+    x = torch.randn(rows, n_in, device=DEVICE)
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    scores = column_scores(g, out=poisoned((cols,), torch.float32))
+    assert torch.equal(scores.cpu(), g.abs().sum(dim=0).cpu())
+    dx, dw, sel = unified_backward(g, x, weight, k)
+    edx, edw, ecols = REF.unified_backward(g.cpu(), x.cpu(), weight.cpu(), k)
+    assert torch.equal(sel.cpu(), ecols)
+    assert_close(dx, edx)
+    assert_close(dw, edw)
+
+
+def test_column_scores_random(seed: int) -> None:
+    g = make_g(13, 70, "random")
+    scores = column_scores(g, out=poisoned((70,), torch.float32))
+    assert_close(scores, g.cpu().double().abs().sum(dim=0))
+
+
+# ---------------------------------------------------------------------------------------- backend
+
+
+@pytest.fixture
+def triton_backend():
+    try:
+        return get_backend("triton")
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def test_backend_topk_backward_with_hits(seed: int, triton_backend) -> None:
+    rows, cols, n_in, k = 6, 40, 23, 9
+    g = make_g(rows, cols, "ties")
+    x = torch.randn(rows, n_in, device=DEVICE)
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    hits = torch.zeros(cols, dtype=torch.int64, device=DEVICE)
+    ref_hits = torch.zeros(cols, dtype=torch.int64)
+    dx, dw, idx = triton_backend.topk_backward(g, x, weight, k, hits)
+    edx, edw, eidx = REF.topk_backward(g.cpu(), x.cpu(), weight.cpu(), k, ref_hits)
+    assert torch.equal(idx.cpu(), eidx)
+    assert torch.equal(hits.cpu(), ref_hits)
+    assert_close(dx, edx)
+    assert_close(dw, edw)
+    sdx, sdw = triton_backend.sparse_backward(g, idx, x, weight)
+    assert_close(sdx, edx)
+    assert_close(sdw, edw)
+
+
+def test_backend_rejects_non_finite(triton_backend) -> None:
+    g = make_g(2, 8, "random")
+    g[1, 3] = float("nan")
+    with pytest.raises(InvalidGradientError):
+        triton_backend.topk_indices(g, 3)
+
+
+def test_backend_unavailable_without_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the backend is available")
+    from mesimp_gpu.backends.triton_backend import TritonBackend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        TritonBackend()
+
+
+@pytest.mark.parametrize(
+    ("mode", "k", "sparse_bias"),
+    [(MePropMode.TOPK, 5, False), (MePropMode.TOPK, 5, True), (MePropMode.UNIFIED, 7, True), (MePropMode.TOPK, 40, False)],
+)
+def test_meprop_linear_triton_matches_reference(
+    seed: int, triton_backend, mode: MePropMode, k: int, sparse_bias: bool
+) -> None:
+    rows, n_in, n_out = 6, 20, 24
+    layers = {
+        name: MePropLinear(n_in, n_out, MePropConfig(mode=mode, k=k, backend=name, sparse_bias=sparse_bias), track_hits=True)
+        for name in ("triton", "reference")
+    }
+    layers["reference"].load_state_dict(layers["triton"].state_dict())
+    layers["triton"].to(DEVICE)
+    x = torch.randn(rows, n_in)
+    # integer-valued upstream gradients make the unified column sums exact (no float near-ties)
+    upstream = torch.randint(-4, 5, (rows, n_out)).float()
+    grads = {}
+    for name, layer in layers.items():
+        dev = DEVICE if name == "triton" else torch.device("cpu")
+        xi = x.to(dev).requires_grad_(True)
+        layer(xi).backward(upstream.to(dev))
+        grads[name] = (xi.grad.cpu(), layer.weight.grad.cpu(), layer.bias.grad.cpu(), layer.hits.cpu())
+    for got, expected in zip(grads["triton"][:3], grads["reference"][:3]):
+        assert_close(got, expected)
+    assert torch.equal(grads["triton"][3], grads["reference"][3])
+    assert int(grads["triton"][3].sum()) == rows * min(k, n_out)
+
+
+# ------------------------------------------------------------------------------ realistic sizes, GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(100, 500, 784, 160), (1024, 8192, 8192, 32), (10, 500, 500, 20), (64, 20000, 300, 77)])
+def test_gpu_realistic_sizes(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
+    """Indices equal to the reference (exact comparisons), products within float32 tolerance, dW reproducible."""
+    backend = get_backend("triton")
+    g = torch.randn(rows, cols, device="cuda")
+    x = torch.randn(rows, n_in, device="cuda")
+    weight = torch.randn(cols, n_in, device="cuda")
+    hits = torch.zeros(cols, dtype=torch.int64, device="cuda")
+    dx, dw, idx = backend.topk_backward(g, x, weight, k, hits)
+    eidx = REF.topk_indices(g, k)
+    assert torch.equal(idx, eidx)
+    assert torch.equal(hits, torch.bincount(eidx.reshape(-1), minlength=cols))
+    edx, edw = REF.sparse_backward(g, eidx, x, weight)
+    scale = k**0.5
+    torch.testing.assert_close(dx, edx, atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(dw, edw, atol=1e-4 * scale, rtol=1e-4)
+    _, dw_again, _ = backend.topk_backward(g, x, weight, k)
+    assert torch.equal(dw, dw_again)
+    udx, udw, cols_sel = backend.unified_backward(g, x, weight, k)
+    escores = g.double().abs().sum(dim=0)
+    kth = escores[cols_sel].min()
+    assert bool((escores[cols_sel] >= kth).all()) and int((escores > kth + 1e-3 * kth).sum()) <= k
+    torch.testing.assert_close(udx, g[:, cols_sel] @ weight[cols_sel], atol=1e-3 * scale, rtol=1e-3)
