@@ -1,0 +1,303 @@
+"""Train the MNIST MLP with dense back propagation or a meProp variant, as the reference does.
+
+Each epoch is shuffled and cut into ``chunks`` pieces; after each piece the dev set is scored, and
+the test set too when dev improved, so the reported test accuracy is the one at the best dev score.
+A checkpoint and the results file are rewritten (atomically) after every piece, so ``resume``
+continues an interrupted run from its last finished piece and gives the same result as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from mesimp_gpu.backends import get_backend
+from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
+from mesimp_gpu.io import write_json
+from mesimp_gpu.meprop import MePropConfig, MePropMode
+from mesimp_gpu.models.mlp import MLP
+from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise
+from mesimp_gpu.plots import plot_history
+from mesimp_gpu.train.common import (
+    BestTracker,
+    PhaseTimer,
+    accuracy,
+    chunk_bounds,
+    jsonable,
+    load_checkpoint,
+    machine_info,
+    resolve_device,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+INPUT_SIZE, CLASSES = 784, 10
+
+
+class Method(str, enum.Enum):
+    """Training method of ``train mnist``."""
+
+    DENSE = "dense"  # full back propagation everywhere
+    MEPROP = "meprop"  # per-example top-k on hidden layers (the paper's method)
+    UNIFIED = "unified"  # one top-k column set per minibatch on hidden layers
+    RANDOM = "random"  # k random columns per example (ablation)
+
+
+METHOD_MODE = {
+    Method.DENSE: MePropMode.DENSE,
+    Method.MEPROP: MePropMode.TOPK,
+    Method.UNIFIED: MePropMode.UNIFIED,
+    Method.RANDOM: MePropMode.RANDOM,
+}
+
+
+@dataclass(frozen=True)
+class MnistConfig:
+    """Every setting of ``mesimp-gpu train mnist``; the CLI options mirror these fields."""
+
+    method: Method = Method.MEPROP  # dense | meprop | unified | random
+    k: int = 20  # entries kept per example (or per minibatch for unified) in each hidden layer
+    hidden: int = 500  # width of every hidden layer
+    layers: int = 2  # number of hidden layers
+    epochs: int = 2  # passes over the 55,000 training images (the reference runs 20)
+    batch_size: int = 100  # examples per update
+    optimizer: OptimizerName = OptimizerName.ADAM
+    lr: float = 1e-3  # learning rate (the papers: Adam 0.001, AdaGrad 0.1)
+    clip: float | None = 5.0  # element-wise gradient clipping; None disables
+    grad_sum: bool = True  # sum the loss over the minibatch (reference) instead of averaging
+    chunks: int = 8  # dev evaluations per epoch ("IterPerEpoch" of the reference)
+    seed: int = 1  # seeds initialisation, shuffling and random selection
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    backend: str = "auto"  # meProp backend, see mesimp_gpu.backends
+    data_dir: str | None = None  # MNIST folder; default: MESIMP_DATA_DIR, cache, download
+    out: str = "runs/mnist"  # folder for results.json, checkpoint.pt and plots
+    limit: int | None = None  # use only the first N training (and N // 10 dev/test) images
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        positive = {"k": self.k, "hidden": self.hidden, "layers": self.layers, "epochs": self.epochs,
+                    "batch_size": self.batch_size, "chunks": self.chunks}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"--clip must be positive, got {self.clip}")
+        if self.method is not Method.DENSE and self.k > self.hidden:
+            raise ValueError(f"--k {self.k} exceeds the hidden width {self.hidden}; use --method dense for full "
+                             f"back propagation or choose k <= {self.hidden}")
+
+    @property
+    def sizes(self) -> list[int]:
+        """Initial layer widths ``[784, hidden x layers, 10]``."""
+        return [INPUT_SIZE, *[self.hidden] * self.layers, CLASSES]
+
+
+#: settings that may differ between a run and its resumption
+RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "data_dir"}
+
+
+class ChunkHook(Protocol):
+    """Something that acts between pieces of training (meSimp's prune steps use this)."""
+
+    def on_chunk_end(self, trainer: "MnistTrainer", epoch: int, chunk: int) -> dict[str, Any]:
+        """Called after each piece's update steps, before evaluation; returns fields for the history record."""
+
+
+def subset(data: Mnist, limit: int | None) -> Mnist:
+    """The first ``limit`` training and ``limit // 10`` (at least 100) dev and test examples."""
+    if limit is None:
+        return data
+    small = max(limit // 10, 100)
+    return Mnist(data.train.head(limit), data.dev.head(small), data.test.head(small))
+
+
+class MnistTrainer:
+    """One training run: model, optimizer, data on the device, history and checkpoints."""
+
+    def __init__(self, config: MnistConfig, data: Mnist | None = None, hooks: tuple[ChunkHook, ...] = ()) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        get_backend(config.backend, self.device)  # fail now, not in the first backward pass
+        self.out = Path(config.out)
+        data = subset(data or load_mnist(config.data_dir), config.limit)
+        self.train_set, self.dev, self.test = (
+            Split(s.images.to(self.device), s.labels.to(self.device)) for s in (data.train, data.dev, data.test)
+        )
+        self.hooks = hooks
+        seed_everything(config.seed)
+        self.model = self.build_model(config.sizes)
+        self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr)
+        self.loss_fn = nn.CrossEntropyLoss(reduction="sum" if config.grad_sum else "mean")
+        self.timer = PhaseTimer(self.device)
+        self.best = BestTracker()
+        self.history: list[dict[str, Any]] = []
+        self.epoch_times: list[dict[str, float]] = []
+        self.position = (0, 0)  # (epoch, chunk) of the next piece to train
+        self.step = 0
+        self.initial_params = self.parameter_count()
+
+    def build_model(self, sizes: list[int]) -> MLP:
+        """The MLP for ``sizes`` with this run's meProp settings, on the run's device."""
+        c = self.config
+        return MLP(sizes, MePropConfig(METHOD_MODE[c.method], c.k, c.backend)).to(self.device)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def train_piece(self, order: torch.Tensor, bar: tqdm | None) -> float:
+        """Update steps over the training examples ``order`` (indices); returns the mean loss per example."""
+        c, total = self.config, 0.0
+        for start in range(0, len(order), c.batch_size):
+            batch = order[start : start + c.batch_size]
+            x, y = self.train_set.images[batch], self.train_set.labels[batch]
+            with self.timer.phase("forward"):
+                loss = self.loss_fn(self.model(x), y)
+            with self.timer.phase("backward"):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with self.timer.phase("update"):
+                clip_elementwise(self.model.parameters(), c.clip)
+                self.optimizer.step()
+            value = float(loss)
+            total += value if c.grad_sum else value * len(batch)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value / (len(batch) if c.grad_sum else 1):.4f}", dev=f"{self.best.best_dev:.2f}")
+        return total / max(len(order), 1)
+
+    def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
+        """Score dev (and test when dev improved); append and return the history record."""
+        dev = accuracy(self.model, self.dev.images, self.dev.labels)
+        test = None
+        if self.best.improved(dev):
+            test = accuracy(self.model, self.test.images, self.test.labels)
+            self.best.update(dev, test, self.step)
+        record = {"epoch": epoch, "chunk": chunk, "step": self.step, "train_loss": loss, "dev_acc": dev,
+                  "test_acc": test, "sizes": self.model.sizes, **extra}
+        self.history.append(record)
+        return record
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The shuffled example order of ``epoch``; depends only on the seed and the epoch (so resumes match)."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        return torch.randperm(len(self.train_set), generator=generator).to(self.device)
+
+    def run(self) -> dict[str, Any]:
+        """Train from ``self.position`` to the last epoch; returns (and writes) the results."""
+        c = self.config
+        steps_per_epoch = sum(-(-(b - a) // c.batch_size) for a, b in chunk_bounds(len(self.train_set), c.chunks))
+        start_epoch, start_chunk = self.position
+        for epoch in range(start_epoch, c.epochs):
+            order = self.epoch_order(epoch)
+            pieces = chunk_bounds(len(order), c.chunks)
+            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not c.progress,
+                       leave=False, dynamic_ncols=True)
+            first = start_chunk if epoch == start_epoch else 0
+            bar.update(sum(-(-(b - a) // c.batch_size) for a, b in pieces[:first]))
+            for chunk in range(first, len(pieces)):
+                a, b = pieces[chunk]
+                loss = self.train_piece(order[a:b], bar)
+                extra: dict[str, Any] = {}
+                for hook in self.hooks:
+                    extra.update(hook.on_chunk_end(self, epoch, chunk))
+                record = self.evaluate(epoch, chunk, loss, extra)
+                if chunk == len(pieces) - 1:
+                    self.epoch_times.append({"epoch": epoch, **self.timer.take()})
+                self.position = (epoch, chunk + 1) if chunk + 1 < len(pieces) else (epoch + 1, 0)
+                self.save()
+                bar.set_postfix(loss=f"{loss:.4f}", dev=f"{record['dev_acc']:.2f}")
+            bar.close()
+            last = self.history[-1]
+            tqdm.write(f"epoch {epoch + 1}/{c.epochs}: loss {last['train_loss']:.4f}  dev {last['dev_acc']:.2f}  "
+                       f"best dev {self.best.best_dev:.2f} (test {self.best.test_at_best:.2f})")
+        results = self.results(final=True)
+        write_json(self.out / "results.json", results)
+        plot_history(self.history, self.out / "curves.png", title=f"MNIST, {c.method.value}")
+        return results
+
+    def results(self, final: bool = False) -> dict[str, Any]:
+        """The results document: config, machine, history, time per epoch, final metrics."""
+        phases = ("forward", "backward", "update")
+        per_epoch = {p: sum(t[p] for t in self.epoch_times) / max(len(self.epoch_times), 1) for p in phases}
+        return {
+            "task": "mnist",
+            "config": jsonable(self.config),
+            "machine": machine_info(self.device),
+            "finished": final,
+            "history": self.history,
+            "epoch_seconds": self.epoch_times,
+            "final": {
+                "best_dev_acc": self.best.best_dev,
+                "test_acc_at_best_dev": self.best.test_at_best,
+                "best_step": self.best.best_step,
+                "last_dev_acc": self.history[-1]["dev_acc"] if self.history else None,
+                "sizes": self.model.sizes,
+                "parameters_initial": self.initial_params,
+                "parameters_final": self.parameter_count(),
+                "mean_epoch_seconds": per_epoch,
+            },
+        }
+
+    def save(self) -> None:
+        """Checkpoint and partial results, both written atomically."""
+        save_checkpoint(self.checkpoint_path, {
+            "config": jsonable(self.config),
+            "sizes": self.model.sizes,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": self.position,
+            "step": self.step,
+            "history": self.history,
+            "epoch_times": self.epoch_times,
+            "timer": self.timer.seconds,
+            "best": vars(self.best),
+            "rng": rng_state(),
+            "initial_params": self.initial_params,
+        })
+        write_json(self.out / "results.json", self.results())
+
+    def restore(self) -> None:
+        """Continue from ``checkpoint.pt`` in ``out``; refuses a checkpoint made with different settings."""
+        state = load_checkpoint(self.checkpoint_path)
+        mine = jsonable(self.config)
+        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and state["config"].get(k) != mine[k])
+        if changed:
+            raise ValueError(f"checkpoint {self.checkpoint_path} was made with different settings ({', '.join(changed)}); "
+                             "use the same options, or another --out")
+        self.model = self.build_model(state["sizes"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.position, self.step = tuple(state["position"]), state["step"]
+        self.history, self.epoch_times = state["history"], state["epoch_times"]
+        self.timer.seconds = state["timer"]
+        self.best = BestTracker(**state["best"])
+        self.initial_params = state["initial_params"]
+        set_rng_state(state["rng"])
+
+
+def train_mnist(config: MnistConfig, resume: bool = False, data: Mnist | None = None,
+                hooks: tuple[ChunkHook, ...] = ()) -> dict[str, Any]:
+    """Train as ``config`` says (continuing ``config.out``'s checkpoint when ``resume``); returns the results."""
+    trainer = MnistTrainer(config, data, hooks)
+    if resume:
+        trainer.restore()
+    return trainer.run()
