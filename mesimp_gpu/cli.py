@@ -15,6 +15,7 @@ from mesimp_gpu.backends import BACKEND_NAMES, BackendUnavailable, InvalidGradie
 from mesimp_gpu.data.idx import IdxFormatError
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.mnist import Method, MnistConfig
+from mesimp_gpu.train.pos import pos_command
 
 app = typer.Typer(help="meProp (sparsified back propagation) and meSimp (model simplification).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -93,6 +94,9 @@ def train_mnist_command(
         f"sizes {'-'.join(map(str, final['sizes']))} | per epoch: forward {times['forward']:.1f}s, "
         f"backward {times['backward']:.1f}s, update {times['update']:.1f}s | results in {out / 'results.json'}"
     )
+
+
+train_app.command("pos")(pos_command)
 
 
 def main() -> None:

@@ -105,8 +105,7 @@ def test_vocab_encode_and_batch(tmp_path: Path) -> None:
     assert encoded[0].features.shape == (5, len(SHAPE_FEATURES))
     unknown = vocab.encode(Sentence(("Zebra",), ("NOUN",), ("VB",), "here:1"))
     assert unknown.words.tolist() == [UNK_ID]
-    with pytest.raises(ValueError, match="does not occur in the training data"):
-        vocab.encode(Sentence(("a",), ("X",), ("NN",), "here:1"))
+    assert vocab.encode(Sentence(("a",), ("X",), ("NN",), "here:1")).tags.tolist() == [len(vocab.tags)]
     batch = make_batch(encoded)
     assert batch.words.shape == (2, 5) and batch.lengths.tolist() == [5, 2]
     assert batch.words[1, 2:].tolist() == [PAD_ID] * 3 and batch.tags[1, 2:].tolist() == [IGNORE_TAG] * 3

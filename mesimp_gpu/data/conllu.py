@@ -202,7 +202,8 @@ class Vocab:
 
 
 class TagVocab:
-    """Tag <-> id, no padding or unknown entry (a tag unseen in train is an error)."""
+    """Tag <-> id, no padding entry. A tag unseen in train gets id ``len(self)``, which no output
+    score can predict, so it counts as an error in evaluation (and must not reach a training loss)."""
 
     def __init__(self, tags: Iterable[str]) -> None:
         self.itos: list[str] = sorted(set(tags))
@@ -210,6 +211,10 @@ class TagVocab:
 
     def __len__(self) -> int:
         return len(self.itos)
+
+    def index(self, tag: str) -> int:
+        """Id of ``tag``; ``len(self)`` when it was not seen in train."""
+        return self.stoi.get(tag, len(self.itos))
 
 
 @dataclass(frozen=True)
@@ -248,19 +253,13 @@ class TaggingVocab:
         return cls(words, features, tags, tagset)
 
     def encode(self, sentence: Sentence) -> EncodedSentence:
-        """Ids of ``sentence``; a tag not seen in train raises ``ValueError`` naming the sentence."""
+        """Ids of ``sentence``; unknown words and affixes map to UNK, unseen tags to ``len(self.tags)``."""
         words = torch.tensor([self.words.index(normalise_word(w)) for w in sentence.words], dtype=torch.long)
         features = torch.tensor(
             [[self.features[name].index(fn(w)) for name, fn in SHAPE_FEATURES.items()] for w in sentence.words],
             dtype=torch.long,
         )
-        try:
-            tags = torch.tensor([self.tags.stoi[t] for t in sentence.tags(self.tagset)], dtype=torch.long)
-        except KeyError as exc:
-            raise ValueError(
-                f"{sentence.source}: tag {exc.args[0]!r} does not occur in the training data; "
-                "use a training file that covers the tag set"
-            ) from None
+        tags = torch.tensor([self.tags.index(t) for t in sentence.tags(self.tagset)], dtype=torch.long)
         return EncodedSentence(words, features, tags)
 
     def state_dict(self) -> dict:
