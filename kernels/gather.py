@@ -47,7 +47,9 @@ def _meprop_dx_kernel(vals_ptr, idx_ptr, w_ptr, dx_ptr, k, n_in, BLOCK_K: tl.con
     tl.store(dx_ptr + row * n_in + in_cols, acc.to(dx_ptr.dtype.element_ty), mask=in_cols < n_in)
 
 
-def output_buffer(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str) -> Tensor:
+def output_buffer(
+    out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str
+) -> Tensor:
     """``out`` after checking it, or a fresh uninitialised tensor (launchers' kernels write every element)."""
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)

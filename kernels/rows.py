@@ -120,7 +120,9 @@ def column_segments(vals: Tensor, idx: Tensor, out_features: int) -> tuple[Tenso
 
 def _check_entries(vals: Tensor, idx: Tensor, x: Tensor) -> None:
     if vals.dim() != 2 or vals.shape != idx.shape or idx.dtype != torch.int64:
-        raise ValueError(f"vals and idx must be [B, k] (idx int64), got {tuple(vals.shape)}, {tuple(idx.shape)} {idx.dtype}")
+        raise ValueError(
+            f"vals and idx must be [B, k] (idx int64), got {tuple(vals.shape)}, {tuple(idx.shape)} {idx.dtype}"
+        )
     if x.dim() != 2 or x.shape[0] != vals.shape[0]:
         raise ValueError(f"x must be [B={vals.shape[0]}, in], got {tuple(x.shape)}")
     if not (vals.device == idx.device == x.device):
@@ -129,7 +131,9 @@ def _check_entries(vals: Tensor, idx: Tensor, x: Tensor) -> None:
 
 def _check_rows_tensor(name: str, t: Tensor, out_features: int, x: Tensor) -> None:
     if t.shape != (out_features, x.shape[1]) or t.device != x.device or not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous [{out_features}, {x.shape[1]}] on {x.device}, got {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must be contiguous [{out_features}, {x.shape[1]}] on {x.device}, got {tuple(t.shape)}"
+        )
 
 
 def _launch_rows(

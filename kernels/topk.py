@@ -238,7 +238,9 @@ def topk_dx(
     _check_g(g, k)
     _check_hits(hits, g)
     if weight.dim() != 2 or weight.shape[0] != g.shape[1] or weight.device != g.device:
-        raise ValueError(f"weight must be [{g.shape[1]}, in] on {g.device}, got {tuple(weight.shape)} on {weight.device}")
+        raise ValueError(
+            f"weight must be [{g.shape[1]}, in] on {g.device}, got {tuple(weight.shape)} on {weight.device}"
+        )
     weight = weight.contiguous()
     if fuse is None:
         fuse = g.device.type != "cuda" or g.shape[0] >= torch.cuda.get_device_properties(g.device).multi_processor_count

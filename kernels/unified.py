@@ -62,7 +62,8 @@ def unified_backward(g: Tensor, x: Tensor, weight: Tensor, k: int) -> tuple[Tens
     """Unified meProp -> ``(dx [B, in], dW [out, in], cols [k] int64 ascending)``; see the module docstring."""
     if x.dim() != 2 or weight.dim() != 2 or g.shape[0] != x.shape[0] or weight.shape != (g.shape[1], x.shape[1]):
         raise ValueError(
-            f"expected g [B, out], x [B, in], weight [out, in]; got {tuple(g.shape)}, {tuple(x.shape)}, {tuple(weight.shape)}"
+            "expected g [B, out], x [B, in], weight [out, in]; "
+            f"got {tuple(g.shape)}, {tuple(x.shape)}, {tuple(weight.shape)}"
         )
     scores = column_scores(g)
     _, cols = topk_select(scores.unsqueeze(0), k)

@@ -55,7 +55,9 @@ def reference_idx(g: np.ndarray, k: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
-@pytest.mark.parametrize(("rows", "cols", "k"), [(1, 1, 1), (5, 37, 1), (5, 37, 7), (5, 37, 37), (16, 128, 20), (1, 100, 33)])
+@pytest.mark.parametrize(
+    ("rows", "cols", "k"), [(1, 1, 1), (5, 37, 1), (5, 37, 7), (5, 37, 37), (16, 128, 20), (1, 100, 33)]
+)
 def test_select_topk_matches_reference(rng: np.random.Generator, rows: int, cols: int, k: int, kind: str) -> None:
     g = make_g(rng, rows, cols, kind)
     vals, idx = logic.select_topk(np, g, k)
@@ -88,7 +90,9 @@ def test_products_match_reference(rng: np.random.Generator, rows: int, cols: int
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
     weight = rng.standard_normal((cols, n_in)).astype(np.float32)
     vals, idx = logic.select_topk(np, g, k)
-    edx, edw = REF.sparse_backward(torch.from_numpy(g), torch.from_numpy(idx), torch.from_numpy(x), torch.from_numpy(weight))
+    edx, edw = REF.sparse_backward(
+        torch.from_numpy(g), torch.from_numpy(idx), torch.from_numpy(x), torch.from_numpy(weight)
+    )
     assert_close(logic.sparse_dx(np, vals, idx, weight), edx)
     start = rng.standard_normal((cols, n_in)).astype(np.float32)
     dw = start.copy()
@@ -110,7 +114,9 @@ def test_sgd_rows(rng: np.random.Generator) -> None:
     before = weight.copy()
     vals, idx = logic.select_topk(np, g, k)
     logic.sgd_rows(np, vals, idx, x, weight, lr)
-    _, dw = REF.sparse_backward(torch.from_numpy(g), torch.from_numpy(idx), torch.from_numpy(x), torch.from_numpy(before))
+    _, dw = REF.sparse_backward(
+        torch.from_numpy(g), torch.from_numpy(idx), torch.from_numpy(x), torch.from_numpy(before)
+    )
     assert_close(weight, np.where(_touched(idx, cols), before - lr * dw.numpy(), before))
     np.testing.assert_array_equal(weight[~_touched(idx, cols)[:, 0]], before[~_touched(idx, cols)[:, 0]])
 

@@ -116,8 +116,12 @@ def test_topk_select_invariants(seed: int) -> None:
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize(("rows", "cols", "n_in", "k", "block_n"), [(5, 37, 20, 7, None), (1, 16, 3, 16, None), (4, 40, 130, 9, 16)])
-def test_topk_dx_matches_reference(seed: int, rows: int, cols: int, n_in: int, k: int, block_n: int | None, fuse: bool) -> None:
+@pytest.mark.parametrize(
+    ("rows", "cols", "n_in", "k", "block_n"), [(5, 37, 20, 7, None), (1, 16, 3, 16, None), (4, 40, 130, 9, 16)]
+)
+def test_topk_dx_matches_reference(
+    seed: int, rows: int, cols: int, n_in: int, k: int, block_n: int | None, fuse: bool
+) -> None:
     g = make_g(rows, cols, "random")
     weight = torch.randn(cols, n_in, device=DEVICE)
     hits = torch.zeros(cols, dtype=torch.int64, device=DEVICE)
@@ -268,14 +272,21 @@ def test_backend_unavailable_without_cuda_or_interpreter(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize(
     ("mode", "k", "sparse_bias"),
-    [(MePropMode.TOPK, 5, False), (MePropMode.TOPK, 5, True), (MePropMode.UNIFIED, 7, True), (MePropMode.TOPK, 40, False)],
+    [
+        (MePropMode.TOPK, 5, False),
+        (MePropMode.TOPK, 5, True),
+        (MePropMode.UNIFIED, 7, True),
+        (MePropMode.TOPK, 40, False),
+    ],
 )
 def test_meprop_linear_triton_matches_reference(
     seed: int, triton_backend, mode: MePropMode, k: int, sparse_bias: bool
 ) -> None:
     rows, n_in, n_out = 6, 20, 24
     layers = {
-        name: MePropLinear(n_in, n_out, MePropConfig(mode=mode, k=k, backend=name, sparse_bias=sparse_bias), track_hits=True)
+        name: MePropLinear(
+            n_in, n_out, MePropConfig(mode=mode, k=k, backend=name, sparse_bias=sparse_bias), track_hits=True
+        )
         for name in ("triton", "reference")
     }
     layers["reference"].load_state_dict(layers["triton"].state_dict())
@@ -289,7 +300,7 @@ def test_meprop_linear_triton_matches_reference(
         xi = x.to(dev).requires_grad_(True)
         layer(xi).backward(upstream.to(dev))
         grads[name] = (xi.grad.cpu(), layer.weight.grad.cpu(), layer.bias.grad.cpu(), layer.hits.cpu())
-    for got, expected in zip(grads["triton"][:3], grads["reference"][:3]):
+    for got, expected in zip(grads["triton"][:3], grads["reference"][:3], strict=True):
         assert_close(got, expected)
     assert torch.equal(grads["triton"][3], grads["reference"][3])
     assert int(grads["triton"][3].sum()) == rows * min(k, n_out)
@@ -299,7 +310,10 @@ def test_meprop_linear_triton_matches_reference(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(100, 500, 784, 160), (1024, 8192, 8192, 32), (10, 500, 500, 20), (64, 20000, 300, 77)])
+@pytest.mark.parametrize(
+    ("rows", "cols", "n_in", "k"),
+    [(100, 500, 784, 160), (1024, 8192, 8192, 32), (10, 500, 500, 20), (64, 20000, 300, 77)],
+)
 def test_gpu_realistic_sizes(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
     """Indices equal to the reference (exact comparisons), products within float32 tolerance, dW reproducible."""
     backend = get_backend("triton")

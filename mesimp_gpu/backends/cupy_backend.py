@@ -111,7 +111,7 @@ def meprop_adam_update(
     eps: float = 1e-8,
     clip: float | None = None,
 ) -> None:
-    """Lazy Adam on the touched rows of ``weight``, in place (see :func:`mesimp_gpu.kernels.rows.meprop_adam_update`)."""
+    """Lazy Adam on the touched rows of ``weight``, in place; see :func:`mesimp_gpu.kernels.rows.meprop_adam_update`."""
     if step < 1:
         raise ValueError(f"step must be >= 1, got {step}")
     with _torch_stream():
