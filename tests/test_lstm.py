@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from mesimp_gpu.backends import BackendUnavailable, load_backend
 from mesimp_gpu.backends.reference import topk_mask
 from mesimp_gpu.lstm import GATES, GateSelection, HitCounting, MePropLSTM
 from mesimp_gpu.meprop import MePropConfig, MePropMode, random_indices
@@ -100,11 +101,16 @@ GRADIENT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+# the Triton and CuPy backends need a GPU for a whole-sequence test (the interpreter is too slow)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
 @pytest.mark.parametrize(("mode", "selection", "k", "bidirectional"), GRADIENT_CASES)
 def test_gradients_match_masked_reference(
     seed: int, backend: str, bidirectional: bool, mode: MePropMode, selection: GateSelection, k: int
 ) -> None:
+    try:
+        load_backend(backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
     batch, steps, features, hidden = 3, 5, 4, 6
     lstm = MePropLSTM(
         features, hidden, MePropConfig(mode=mode, k=k, backend=backend), bidirectional=bidirectional,
