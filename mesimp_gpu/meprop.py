@@ -45,6 +45,7 @@ class MePropConfig:
     k: int = 20  # entries (per example) or columns (unified) kept; k >= out is dense
     backend: str = "auto"  # registry name, see mesimp_gpu.backends
     sparse_bias: bool = False  # True: the bias gradient also uses only the kept entries
+    nonzero_hits: bool = False  # meSimp: count only kept entries with a non-zero gradient (reference: all kept)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -54,6 +55,11 @@ class MePropConfig:
 def random_indices(batch: int, width: int, k: int, device: torch.device) -> Tensor:
     """``k`` distinct columns per row drawn uniformly (torch's RNG) -> ``[batch, k]`` ascending."""
     return torch.rand(batch, width, device=device).argsort(dim=1)[:, :k].sort(dim=1).values
+
+
+def count_nonzero_hits(hits: Tensor, g: Tensor, idx: Tensor) -> None:
+    """Add one to ``hits[j]`` for every kept ``(b, j)`` (``idx`` ``[B, k]``) whose ``g[b, j]`` is non-zero."""
+    bincount_hits(hits, idx[g.gather(1, idx) != 0])
 
 
 def kept_bias_grad(g: Tensor, idx: Tensor) -> Tensor:
@@ -86,27 +92,34 @@ class MePropFunction(torch.autograd.Function):
         batch, width = g.shape
         dense = config.mode is MePropMode.DENSE or config.k >= width
         db = g.sum(dim=0) if ctx.has_bias else None
+        # every kept index counts as a hit (the reference); with nonzero_hits the backends count
+        # nothing and the kept non-zero entries are counted below instead
+        all_hits = None if config.nonzero_hits else ctx.hits
         if dense:
-            if ctx.hits is not None:
-                ctx.hits += batch  # every column is in every example's set
+            if all_hits is not None:
+                all_hits += batch  # every column is in every example's set
+            idx = torch.arange(width, device=g.device).expand(batch, width)
             dx, dw = g.mm(weight), g.t().mm(x)
         elif config.mode is MePropMode.UNIFIED:
             check_finite(g)
             dx, dw, cols = ctx.backend.unified_backward(g, x, weight, config.k)
-            if ctx.hits is not None:
-                ctx.hits[cols] += batch
+            if all_hits is not None:
+                all_hits[cols] += batch
+            idx = cols.expand(batch, cols.numel())
             if db is not None and config.sparse_bias:
                 db = torch.zeros_like(db).index_copy_(0, cols, db[cols])
         else:
             if config.mode is MePropMode.TOPK:
-                dx, dw, idx = ctx.backend.topk_backward(g, x, weight, config.k, ctx.hits)
+                dx, dw, idx = ctx.backend.topk_backward(g, x, weight, config.k, all_hits)
             else:
                 idx = random_indices(batch, width, config.k, g.device)
-                if ctx.hits is not None:
-                    bincount_hits(ctx.hits, idx)
+                if all_hits is not None:
+                    bincount_hits(all_hits, idx)
                 dx, dw = ctx.backend.sparse_backward(g, idx, x, weight)
             if db is not None and config.sparse_bias:
                 db = kept_bias_grad(g, idx)
+        if ctx.hits is not None and config.nonzero_hits:
+            count_nonzero_hits(ctx.hits, g, idx)
         return dx, dw, db, None, None, None
 
 
@@ -116,7 +129,9 @@ class MePropLinear(nn.Module):
     Input ``[..., in_features]``, output ``[..., out_features]``; leading dimensions are flattened
     into the batch for the backward selection (each flattened row is one "example").
     With ``track_hits`` the layer keeps ``hits`` (``[out]`` int64, how often each output neuron was
-    selected) and ``refer`` (examples seen) for meSimp; both count only during training.
+    selected) and ``refer`` (examples seen) for meSimp; both count only during training. Every kept
+    index is a hit, zeros included (the reference); ``config.nonzero_hits`` counts only kept entries
+    with a non-zero gradient.
     """
 
     def __init__(
