@@ -39,7 +39,7 @@ def reference_gate_mask(
 
 def reference_direction(
     x: Tensor, mask: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor, reverse: bool,
-    mode: MePropMode, k: int, selection: GateSelection, masks_out: list[Tensor],
+    mode: MePropMode, k: int, selection: GateSelection, masks_out: list[Tensor], sparse_bias: bool = False,
 ) -> Tensor:
     """Step-by-step LSTM with autograd; a hook multiplies each ``dz_t`` reaching the products by the keep mask.
 
@@ -59,9 +59,9 @@ def reference_direction(
 
     for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
         products = x[t] @ w_ih.t() + h @ w_hh.t()
-        # the mask sits before the bias: the bias gradient stays dense, as in the linear layer
-        products.register_hook(lambda g, valid=mask[t]: hook(g, valid))
         z = products + bias
+        # the mask sits before the bias (dense bias gradient, as in the linear layer) unless sparse_bias
+        (z if sparse_bias else products).register_hook(lambda g, valid=mask[t]: hook(g, valid))
         i, f, g, o = z.chunk(GATES, dim=1)
         i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
         c_new = f * c + i * g
@@ -168,6 +168,24 @@ def test_mask_with_holes_carries_state(seed: int, bidirectional: bool) -> None:
         for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
             torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
     torch.testing.assert_close(x_ours.grad, x_ref.grad.transpose(0, 1), **F64_TOL)
+
+
+@pytest.mark.parametrize("selection", list(GateSelection))
+def test_sparse_bias_uses_kept_entries_only(seed: int, selection: GateSelection) -> None:
+    features, hidden, k = 3, 5, 2
+    config = MePropConfig(mode=MePropMode.TOPK, k=k, backend="torch", sparse_bias=True)
+    lstm = MePropLSTM(features, hidden, config, selection=selection).double()
+    x, lengths = make_inputs(3, 4, features)
+    mask = torch.arange(4) < lengths.unsqueeze(1)
+    weights = torch.randn(3, 4, hidden, dtype=torch.float64)
+    (lstm(x, lengths=lengths) * weights).sum().backward()
+    d = lstm.directions[0]
+    params = [p.detach().clone().requires_grad_(True) for p in (d.weight_ih, d.weight_hh, d.bias)]
+    out = reference_direction(x.transpose(0, 1), mask.t(), *params, False, MePropMode.TOPK, k, selection, [],
+                              sparse_bias=True)
+    (out * weights.transpose(0, 1)).sum().backward()
+    for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
+        torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
 
 
 def test_each_gate_counting_counts_every_selected_entry(seed: int) -> None:
