@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows"]
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 NATIVE_DTYPES = (torch.float32, torch.float64)
 
 

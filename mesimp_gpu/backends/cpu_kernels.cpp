@@ -19,6 +19,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -44,26 +48,72 @@ struct Bits<double> {
   static constexpr key inf = 0x7ff0000000000000ull;
 };
 
-// Columns of one register tile: 256 bytes, i.e. four AVX-512 or eight AVX2 registers of accumulators.
+// One SIMD-sized vector (GCC vector extension, lowered to AVX-512, AVX2 or SSE by -march) and a
+// register tile of four of them: the accumulators of a weighted row sum stay in registers.
 template <typename T>
-constexpr int64_t kTile = 256 / sizeof(T);
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kLanes = 64 / sizeof(T);
+template <typename T>
+constexpr int64_t kTile = 4 * kLanes<T>;
+
+template <typename T>
+inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 
 // Scratch of one selection call, reused across the rows a thread handles.
 template <typename T>
 struct SelectScratch {
   std::vector<typename Bits<T>::key> keys;  // (n,) magnitude keys of the row
+  std::vector<typename Bits<T>::key> group_max;  // (k,) maximum key of each group
   std::vector<typename Bits<T>::key> cand_keys;  // (<= n,) keys of the candidates, reordered by nth_element
-  std::vector<int64_t> cand;  // (<= n,) candidate columns, ascending
+  std::vector<int32_t> cand;  // (<= n + 16,) candidate columns, ascending (slack for full-vector stores)
 };
+
+// Columns j < n with keys[j] >= lower, ascending, into cand; returns their count.
+template <typename K>
+inline int64_t compact_at_least(const K* keys, int64_t n, K lower, int32_t* cand) {
+  int64_t count = 0, j = 0;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(K) == 4) {
+    const __m512i lo = _mm512_set1_epi32(static_cast<int32_t>(lower));  // keys < 2^31: signed compare is exact
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i col = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; j + 16 <= n; j += 16, col = _mm512_add_epi32(col, step)) {
+      const __mmask16 m = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(keys + j), lo);
+      _mm512_storeu_si512(cand + count, _mm512_maskz_compress_epi32(m, col));
+      count += __builtin_popcount(m);
+    }
+  }
+#endif
+  for (; j < n; ++j) {  // branch-free compaction
+    cand[count] = static_cast<int32_t>(j);
+    count += keys[j] >= lower;
+  }
+  return count;
+}
 
 // Top-k of one row of n entries by magnitude, ties to the lower column; writes k ascending columns.
 // Returns false when the row holds NaN or infinity (out is then unspecified).
 //
-// Threshold selection in O(n): cut the row into k chunks; the smallest chunk maximum is a lower
-// bound of the k-th largest magnitude (k disjoint chunks each hold an entry >= it), so only entries
-// at or above it are candidates (a few times k for dense data). The exact k-th largest key among
-// the candidates (nth_element) is the threshold; keys above it are kept and keys equal to it fill
-// the remaining slots from the lowest column up.
+// Threshold selection in O(n): split the row into k groups (column j goes to group j mod k); the
+// smallest group maximum is a lower bound of the k-th largest magnitude (k disjoint groups each hold
+// an entry >= it), so only entries at or above it are candidates (a few times k for dense data).
+// The exact k-th largest key among the candidates (nth_element) is the threshold; keys above it are
+// kept and keys equal to it fill the remaining slots from the lowest column up.
 template <typename T>
 bool select_row(const T* row, int64_t n, int64_t k, int64_t* out, SelectScratch<T>& s) {
   using K = typename Bits<T>::key;
@@ -73,23 +123,22 @@ bool select_row(const T* row, int64_t n, int64_t k, int64_t* out, SelectScratch<
     std::memcpy(&bits, row + j, sizeof(K));
     keys[j] = bits & Bits<T>::abs_mask;
   }
-  K lower = ~K(0);
-  K top = 0;
-  for (int64_t c = 0; c < k; ++c) {
-    const int64_t lo = c * n / k, hi = (c + 1) * n / k;
-    K m = 0;
-    for (int64_t j = lo; j < hi; ++j) m = std::max(m, keys[j]);
-    lower = std::min(lower, m);
-    top = std::max(top, m);
+  K* gmax = s.group_max.data();
+  std::memcpy(gmax, keys, k * sizeof(K));
+  for (int64_t r = k; r < n; r += k) {  // strided groups: a vertical max over rows of k keys
+    const int64_t width = std::min(k, n - r);
+    const K* kr = keys + r;
+    for (int64_t c = 0; c < width; ++c) gmax[c] = std::max(gmax[c], kr[c]);
+  }
+  K lower = gmax[0], top = gmax[0];
+  for (int64_t c = 1; c < k; ++c) {
+    lower = std::min(lower, gmax[c]);
+    top = std::max(top, gmax[c]);
   }
   if (top >= Bits<T>::inf) return false;
 
-  int64_t* cand = s.cand.data();
-  int64_t count = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branch-free compaction
-    cand[count] = j;
-    count += keys[j] >= lower;
-  }
+  int32_t* cand = s.cand.data();
+  const int64_t count = compact_at_least(keys, n, lower, cand);
   K* ck = s.cand_keys.data();
   for (int64_t i = 0; i < count; ++i) ck[i] = keys[cand[i]];
   std::nth_element(ck, ck + (k - 1), ck + count, std::greater<K>());
@@ -117,8 +166,9 @@ bool select_rows(const T* g, int64_t rows, int64_t n, int64_t k, int64_t* idx) {
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     SelectScratch<T> s;
     s.keys.resize(n);
+    s.group_max.resize(k);
     s.cand_keys.resize(n);
-    s.cand.resize(n + 1);  // the branch-free compaction writes one slot past the last candidate
+    s.cand.resize(n + 16);
     for (int64_t b = begin; b < end; ++b) {
       if (!select_row(g + b * n, n, k, idx + b * k, s)) finite = false;
     }
@@ -158,31 +208,66 @@ Buckets<T> bucket_by_column(const T* g, const int64_t* idx, int64_t rows, int64_
   return bk;
 }
 
-// out[0:len] = sum_t coef[t] * src[rows[t] * stride + 0:len], accumulated in register tiles so that
-// each output element is stored once; the sum runs in t order.
+// out[0:len] = sum_t coef[t] * src[rows[t] * stride + 0:len], accumulated in registers so that each
+// output element is stored once. Even and odd terms go to separate accumulators (summed at the end)
+// so that two independent FMA chains hide the FMA latency; the order of every sum is fixed.
 template <typename T>
 inline void weighted_row_sum(const T* src, int64_t stride, const int64_t* rows, const T* coef, int64_t terms,
                              int64_t len, T* out) {
-  constexpr int64_t W = kTile<T>;
+  constexpr int64_t L = kLanes<T>;
+  const int64_t pairs = terms & ~int64_t(1);
   int64_t i0 = 0;
-  for (; i0 + W <= len; i0 += W) {
-    T acc[W] = {};
-    for (int64_t t = 0; t < terms; ++t) {
-      const T c = coef[t];
+  for (; i0 + kTile<T> <= len; i0 += kTile<T>) {
+    Vec<T> a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
+    for (int64_t t = 0; t < pairs; t += 2) {
+      const T c = coef[t], d = coef[t + 1];
       const T* s = src + rows[t] * stride + i0;
-      for (int64_t i = 0; i < W; ++i) acc[i] += c * s[i];
+      const T* u = src + rows[t + 1] * stride + i0;
+      a0 += c * load(s);
+      a1 += c * load(s + L);
+      a2 += c * load(s + 2 * L);
+      a3 += c * load(s + 3 * L);
+      b0 += d * load(u);
+      b1 += d * load(u + L);
+      b2 += d * load(u + 2 * L);
+      b3 += d * load(u + 3 * L);
     }
-    std::memcpy(out + i0, acc, sizeof(acc));
+    if (pairs < terms) {
+      const T c = coef[pairs];
+      const T* s = src + rows[pairs] * stride + i0;
+      a0 += c * load(s);
+      a1 += c * load(s + L);
+      a2 += c * load(s + 2 * L);
+      a3 += c * load(s + 3 * L);
+    }
+    a0 += b0;
+    a1 += b1;
+    a2 += b2;
+    a3 += b3;
+    std::memcpy(out + i0, &a0, sizeof(a0));
+    std::memcpy(out + i0 + L, &a1, sizeof(a1));
+    std::memcpy(out + i0 + 2 * L, &a2, sizeof(a2));
+    std::memcpy(out + i0 + 3 * L, &a3, sizeof(a3));
   }
-  if (i0 < len) {
-    T acc[W] = {};
+  for (; i0 + L <= len; i0 += L) {
+    Vec<T> a = {}, b = {};
+    for (int64_t t = 0; t < pairs; t += 2) {
+      a += coef[t] * load(src + rows[t] * stride + i0);
+      b += coef[t + 1] * load(src + rows[t + 1] * stride + i0);
+    }
+    if (pairs < terms) a += coef[pairs] * load(src + rows[pairs] * stride + i0);
+    a += b;
+    std::memcpy(out + i0, &a, sizeof(a));
+  }
+  if (i0 < len) {  // fewer than one vector of columns left
+    T a[L] = {};
     const int64_t rest = len - i0;
     for (int64_t t = 0; t < terms; ++t) {
       const T c = coef[t];
       const T* s = src + rows[t] * stride + i0;
-      for (int64_t i = 0; i < rest; ++i) acc[i] += c * s[i];
+      for (int64_t i = 0; i < rest; ++i) a[i] += c * s[i];
     }
-    std::memcpy(out + i0, acc, rest * sizeof(T));
+    std::memcpy(out + i0, a, rest * sizeof(T));
   }
 }
 

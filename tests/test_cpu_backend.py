@@ -1,0 +1,184 @@
+"""The ``cpu`` backend against the float64 reference: indices, products, hits, threads, fallback.
+
+The first run compiles the C++ kernel (about 25 s on 2 cores); later runs load it from the torch
+extensions cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from mesimp_gpu.backends import BackendUnavailable, get_backend, load_backend
+from mesimp_gpu.backends.base import InvalidGradientError
+from mesimp_gpu.backends.reference import ReferenceBackend, topk_mask
+from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode, random_indices
+
+if shutil.which("c++") is None and shutil.which("g++") is None:
+    pytest.skip("no C++ compiler: the cpu backend cannot build here", allow_module_level=True)
+
+#: (dtype, atol, rtol) of the products against the float64 reference
+TOLERANCES = [(torch.float32, 1e-4, 1e-4), (torch.float64, 1e-10, 1e-10)]
+
+#: (batch, in, out, k): 1 row, odd widths, k = 1, k = out, k > out, width 1, a few vectors wide
+SHAPES = [
+    (1, 7, 5, 1),
+    (1, 9, 9, 9),
+    (5, 33, 17, 5),
+    (3, 1, 1, 1),
+    (6, 10, 10, 15),
+    (64, 130, 257, 20),
+    (17, 301, 64, 63),
+]
+
+REF = ReferenceBackend()
+
+
+@pytest.fixture(scope="module")
+def cpu():
+    return load_backend("cpu")
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def gradient(batch: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random ``[batch, width]`` with many exact ties (values rounded to halves) and zeros."""
+    g = torch.randn(batch, width, dtype=torch.float64)
+    g[:, ::2] = (g[:, ::2] * 2).round() / 2  # ties in magnitude, including +x / -x
+    g[torch.rand(batch, width) < 0.2] = 0.0
+    if batch > 2:
+        g[1] = 0.0  # a row with fewer non-zeros than k
+    return g.to(dtype)
+
+
+def assert_valid_selection(g: torch.Tensor, idx: torch.Tensor, k: int) -> None:
+    """Exactly ``min(k, out)`` ascending indices per row; every kept magnitude >= every dropped one."""
+    k = min(k, g.shape[1])
+    assert idx.shape == (g.shape[0], k) and idx.dtype == torch.int64
+    assert bool((idx[:, 1:] > idx[:, :-1]).all())
+    kept = torch.zeros(g.shape, dtype=torch.bool).scatter_(1, idx, True)
+    a = g.abs().double()
+    low_kept = torch.where(kept, a, torch.full_like(a, float("inf"))).min(dim=1).values
+    high_dropped = torch.where(kept, torch.full_like(a, -1.0), a).max(dim=1).values
+    assert bool((low_kept >= high_dropped).all())
+
+
+@pytest.mark.parametrize("batch,n_in,n_out,k", SHAPES)
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+def test_topk_backward_matches_reference(cpu, threads, seed, batch, n_in, n_out, k, dtype, atol, rtol):
+    g = gradient(batch, n_out, dtype)
+    x = torch.randn(batch, n_in, dtype=dtype)
+    w = torch.randn(n_out, n_in, dtype=dtype)
+    start = torch.randint(0, 5, (n_out,))
+    hits, ref_hits = start.clone(), start.clone()
+    dx, dw, idx = cpu.topk_backward(g, x, w, k, hits)
+    ref_dx, ref_dw, ref_idx = REF.topk_backward(g, x, w, k, ref_hits)
+    assert torch.equal(idx, ref_idx)
+    assert_valid_selection(g, idx, k)
+    assert torch.equal(hits, ref_hits)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    torch.testing.assert_close(dx, ref_dx, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dw, ref_dw, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("batch,n_in,n_out,k", SHAPES)
+def test_topk_indices_and_sparse_backward(cpu, threads, seed, batch, n_in, n_out, k):
+    g = gradient(batch, n_out, torch.float32)
+    assert torch.equal(cpu.topk_indices(g, k), REF.topk_indices(g, k))
+    idx = random_indices(batch, n_out, min(k, n_out), g.device)  # any kept set, not only the top-k
+    x, w = torch.randn(batch, n_in), torch.randn(n_out, n_in)
+    dx, dw = cpu.sparse_backward(g, idx, x, w)
+    ref_dx, ref_dw = REF.sparse_backward(g, idx, x, w)
+    torch.testing.assert_close(dx, ref_dx, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dw, ref_dw, atol=1e-4, rtol=1e-4)
+
+
+def test_selection_matches_reference_on_many_rows(cpu, seed):
+    """Wide rows, many ties, k from 1 to out: the tie rule on the threshold matters most here."""
+    for k in (1, 2, 3, 16, 17, 99, 100, 255, 256):
+        g = (torch.randn(97, 256) * 3).round()  # few distinct magnitudes: ties at every threshold
+        assert torch.equal(cpu.topk_indices(g, k), topk_mask(g, k).nonzero()[:, 1].reshape(97, k)), k
+
+
+def test_results_do_not_depend_on_thread_count(cpu, seed):
+    g, x, w = torch.randn(40, 300), torch.randn(40, 200), torch.randn(300, 200)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.topk_backward(g, x, w, 30)
+        torch.set_num_threads(2)
+        two = cpu.topk_backward(g, x, w, 30)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_is_rejected(cpu, bad):
+    g = torch.randn(4, 30)
+    g[2, 7] = bad
+    with pytest.raises(InvalidGradientError):
+        cpu.topk_indices(g, 5)
+    with pytest.raises(InvalidGradientError):
+        cpu.topk_backward(g, torch.randn(4, 6), torch.randn(30, 6), 5)
+
+
+@pytest.mark.parametrize("batch,n_in,n_out,k", SHAPES)
+def test_unified_backward_matches_reference(cpu, threads, seed, batch, n_in, n_out, k):
+    g = gradient(batch, n_out, torch.float64)
+    x, w = torch.randn(batch, n_in, dtype=torch.float64), torch.randn(n_out, n_in, dtype=torch.float64)
+    dx, dw, cols = cpu.unified_backward(g, x, w, k)
+    ref_dx, ref_dw, ref_cols = REF.unified_backward(g, x, w, k)
+    assert torch.equal(cols, ref_cols)
+    torch.testing.assert_close(dx, ref_dx)
+    torch.testing.assert_close(dw, ref_dw)
+
+
+def test_other_dtypes_use_the_portable_path(cpu, seed):
+    g, x, w = (torch.randn(6, 40).bfloat16(), torch.randn(6, 12).bfloat16(), torch.randn(40, 12).bfloat16())
+    torch_backend = load_backend("torch")
+    for a, b in zip(cpu.topk_backward(g, x, w, 7), torch_backend.topk_backward(g, x, w, 7)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED, MePropMode.RANDOM, MePropMode.DENSE])
+def test_meprop_linear_cpu_matches_reference(threads, seed, mode):
+    layers = {}
+    for name in ("cpu", "reference"):
+        torch.manual_seed(seed)
+        layers[name] = MePropLinear(37, 29, MePropConfig(mode=mode, k=6, backend=name), track_hits=True)
+    x = torch.randn(11, 37)
+    outputs = {}
+    for name, layer in layers.items():
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(seed + 1)  # the same random draws for RANDOM mode
+        (layer(xi) ** 2).sum().backward()
+        outputs[name] = (xi.grad, layer.weight.grad, layer.bias.grad, layer.hits.clone())
+    for got, want in zip(outputs["cpu"], outputs["reference"]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_missing_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    """No usable compiler (CXX points nowhere, empty cache): ``auto`` warns and uses torch; by name it is a clear error."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    load_backend.cache_clear()
+    try:
+        with pytest.raises(BackendUnavailable, match="cpu.*compiler"):
+            load_backend("cpu")
+        with caplog.at_level(logging.WARNING, logger="mesimp_gpu.backends"):
+            backend = get_backend("auto", "cpu")
+        assert backend.name == "torch"
+        assert any("skipping cpu" in r.getMessage() for r in caplog.records)
+    finally:
+        load_backend.cache_clear()
