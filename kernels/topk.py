@@ -48,10 +48,19 @@ _TOP_BIT = tl.constexpr(30)
 
 
 @triton.jit
+def _magnitude_bits(g):
+    """Bits of ``|g|`` as float32, read as int32 (same shape as ``g``).
+
+    Clearing the sign bit instead of a float ``abs`` keeps subnormals exact even where the
+    compiler flushes denormals to zero (the reference ranks them above 0).
+    """
+    return g.to(tl.float32).to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
 def _abs_bits(row_ptr, cols, n):
     """``|row[cols]|`` as float32 bits in int32, 0 outside ``[0, n)``. Shape of ``cols``."""
-    a = tl.abs(tl.load(row_ptr + cols, mask=cols < n, other=0.0).to(tl.float32))
-    return a.to(tl.int32, bitcast=True)
+    return _magnitude_bits(tl.load(row_ptr + cols, mask=cols < n, other=0.0))
 
 
 @triton.jit
@@ -112,7 +121,7 @@ def _topk_rows_kernel(
         cols = start + lanes  # (BLOCK_N,)
         valid = cols < n
         g = tl.load(row_ptr + cols, mask=valid, other=0.0)  # (BLOCK_N,)
-        bits = tl.abs(g.to(tl.float32)).to(tl.int32, bitcast=True)
+        bits = _magnitude_bits(g)  # (BLOCK_N,)
         equal = (bits == thresh) & valid
         eq_rank = tl.cumsum(equal.to(tl.int32), axis=0) + eq_seen  # inclusive rank among ties, (BLOCK_N,)
         keep = (bits > thresh) | (equal & (eq_rank <= free))

@@ -27,7 +27,8 @@ TOL: dict[np.dtype, tuple[float, float]] = {np.dtype(np.float32): (1e-5, 1e-5)}
 
 
 def make_g(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
-    """``random`` normal, ``ties`` small integers (ties and zeros), ``sparse`` mostly zero with an all-zero row."""
+    """``random`` normal, ``ties`` small integers (ties and zeros), ``sparse`` mostly zero with an all-zero row,
+    ``tiny`` subnormals and signed zeros."""
     if kind == "random":
         g = rng.standard_normal((rows, cols))
     elif kind == "ties":
@@ -35,6 +36,8 @@ def make_g(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndar
     elif kind == "sparse":
         g = rng.standard_normal((rows, cols)) * (rng.random((rows, cols)) < 0.1)
         g[0] = 0.0
+    elif kind == "tiny":  # subnormals, signed zeros and +-x pairs (equal magnitudes)
+        g = np.array([1e-40, -1e-40, 2e-45, -0.0, 0.0, 1e-38, -1e-38])[rng.integers(0, 7, (rows, cols))]
     else:
         raise ValueError(kind)
     return g.astype(np.float32)
@@ -54,7 +57,7 @@ def reference_idx(g: np.ndarray, k: int) -> np.ndarray:
     return REF.topk_indices(torch.from_numpy(g), k).numpy()
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "tiny"])
 @pytest.mark.parametrize(
     ("rows", "cols", "k"), [(1, 1, 1), (5, 37, 1), (5, 37, 7), (5, 37, 37), (16, 128, 20), (1, 100, 33)]
 )

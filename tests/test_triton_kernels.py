@@ -35,7 +35,7 @@ TOL: dict[torch.dtype, tuple[float, float]] = {
 
 def make_g(rows: int, cols: int, kind: str, dtype: torch.dtype = torch.float32) -> Tensor:
     """Output gradients ``[rows, cols]``: ``random`` normal, ``ties`` small integers (many ties and
-    zeros), ``sparse`` mostly zero (rows with fewer non-zeros than ``k``)."""
+    zeros), ``sparse`` mostly zero (rows with fewer non-zeros than ``k``), ``tiny`` subnormals and signed zeros."""
     if kind == "random":
         g = torch.randn(rows, cols)
     elif kind == "ties":
@@ -43,6 +43,8 @@ def make_g(rows: int, cols: int, kind: str, dtype: torch.dtype = torch.float32) 
     elif kind == "sparse":
         g = torch.randn(rows, cols) * (torch.rand(rows, cols) < 0.1)
         g[0] = 0.0
+    elif kind == "tiny":  # subnormals, signed zeros and +-x pairs (equal magnitudes)
+        g = torch.tensor([1e-40, -1e-40, 2e-45, -0.0, 0.0, 1e-38, -1e-38])[torch.randint(0, 7, (rows, cols))]
     else:
         raise ValueError(kind)
     return g.to(dtype=dtype, device=DEVICE)
@@ -77,7 +79,7 @@ SELECT_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "tiny"])
 @pytest.mark.parametrize(("rows", "cols", "k", "block_n"), SELECT_SHAPES)
 def test_topk_select_matches_reference(seed: int, rows: int, cols: int, k: int, block_n: int | None, kind: str) -> None:
     g = make_g(rows, cols, kind)
