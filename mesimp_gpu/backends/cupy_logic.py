@@ -40,7 +40,7 @@ extern "C" __global__ void kth_largest_abs(const float* __restrict__ g, float* _
         __syncthreads();
         int local = 0;
         for (long long j = threadIdx.x; j < n; j += blockDim.x) {
-            local += __float_as_int(fabsf(row[j])) >= cand;
+            local += (__float_as_int(row[j]) & 0x7fffffff) >= cand;  // |g| bits, subnormals kept
         }
         for (int offset = 16; offset > 0; offset >>= 1) {
             local += __shfl_down_sync(0xffffffffu, local, offset);
