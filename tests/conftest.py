@@ -30,3 +30,15 @@ def seed() -> int:
     value = int(os.environ.get("PYTEST_SEED", torch.seed() % 2**31))
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> "Path":
+    """The project's copy of MNIST (MESIMP_DATA_DIR, else ../shared/data/mnist beside the checkout)."""
+    from pathlib import Path
+
+    candidates = [os.environ.get("MESIMP_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "train-images-idx3-ubyte.gz").exists():
+            return Path(candidate)
+    pytest.skip("MNIST files not found: set MESIMP_DATA_DIR")

@@ -175,7 +175,7 @@ class MnistTrainer:
             with self.timer.phase("update"):
                 clip_elementwise(self.model.parameters(), c.clip)
                 self.optimizer.step()
-            value = float(loss)
+            value = float(loss.detach())
             total += value if c.grad_sum else value * len(batch)
             self.step += 1
             if bar is not None:

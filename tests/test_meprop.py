@@ -1,0 +1,158 @@
+"""meProp autograd against the float64 reference, for every backend that loads here.
+
+Shapes stay small so that interpreted backends (Triton on CPU) remain quick.
+"""
+
+import pytest
+import torch
+
+from mesimp_gpu.backends import REGISTRY, BackendUnavailable, InvalidGradientError, load_backend
+from mesimp_gpu.backends.reference import topk_mask
+from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
+
+BACKENDS = [name for name in REGISTRY if name != "reference"]
+#: (dtype, atol, rtol) of a float32 backend against the float64 reference
+TOLERANCE = (torch.float32, 1e-5, 1e-5)
+SHAPES = [(1, 7, 5), (6, 13, 9), (16, 37, 11)]  # (batch, in, out)
+
+
+def backend_or_skip(name: str):
+    try:
+        return load_backend(name)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+def with_ties(g: torch.Tensor) -> torch.Tensor:
+    """Plant exact ties and zeros: row 0 constant magnitude with alternating signs, row 1 mostly zero."""
+    g = g.clone()
+    g[0] = torch.where(torch.arange(g.shape[1]) % 2 == 0, 0.5, -0.5)
+    if g.shape[0] > 1:
+        g[1] = 0.0
+        g[1, -1] = 2.0
+    if g.shape[0] > 2:
+        g[2, ::3] = 1.25  # repeated values among random ones
+    return g
+
+
+def grads(layer: MePropLinear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    layer(x).backward(g)
+    return x.grad, layer.weight.grad, layer.bias.grad
+
+
+def make_layers(n_in: int, n_out: int, config: MePropConfig) -> tuple[MePropLinear, MePropLinear]:
+    """The layer under test and an identical float64 twin on the reference backend."""
+    layer = MePropLinear(n_in, n_out, config)
+    ref = MePropLinear(n_in, n_out, MePropConfig(config.mode, config.k, "reference", config.sparse_bias)).double()
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight)
+        ref.bias.normal_()
+        layer.bias.copy_(ref.bias)
+    return layer, ref
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED, MePropMode.RANDOM])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("sparse_bias", [False, True])
+def test_gradients_match_reference(backend, mode, shape, k, sparse_bias, seed) -> None:
+    backend_or_skip(backend)
+    batch, n_in, n_out = shape
+    layer, ref = make_layers(n_in, n_out, MePropConfig(mode, k, backend, sparse_bias))
+    x = torch.randn(batch, n_in)
+    g = with_ties(torch.randn(batch, n_out))
+    torch.manual_seed(seed + 1)  # random mode draws the same columns in both runs
+    got = grads(layer, x, g)
+    torch.manual_seed(seed + 1)
+    want = grads(ref, x.double(), g.double())
+    _, atol, rtol = TOLERANCE
+    for name, a, b in zip(("dx", "dW", "db"), got, want):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=f"{name} differs (seed {seed})")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mode", list(MePropMode))
+def test_k_at_least_width_is_exactly_dense(backend, mode, seed) -> None:
+    backend_or_skip(backend)
+    layer = MePropLinear(9, 6, MePropConfig(mode, 6 if mode is not MePropMode.DENSE else 3, backend))
+    dense = torch.nn.Linear(9, 6)
+    with torch.no_grad():
+        dense.weight.copy_(layer.weight)
+        dense.bias.copy_(layer.bias)
+    x, g = torch.randn(5, 9), torch.randn(5, 6)
+    got = grads(layer, x, g)
+    xd = x.clone().requires_grad_(True)
+    dense(xd).backward(g)
+    for a, b in zip(got, (xd.grad, dense.weight.grad, dense.bias.grad)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("k", [1, 3, 8, 12])
+def test_selection_invariants(backend, k, seed) -> None:
+    impl = backend_or_skip(backend)
+    g = with_ties(torch.randn(9, 12))
+    idx = impl.topk_indices(g, k)
+    assert idx.shape == (9, k) and idx.dtype == torch.int64
+    assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be strictly ascending per row"
+    kept = torch.zeros_like(g, dtype=torch.bool).scatter_(1, idx, True)
+    a = g.abs()
+    low_kept = torch.where(kept, a, torch.inf).min(dim=1).values
+    high_dropped = torch.where(kept, -torch.inf, a).max(dim=1).values
+    assert bool((low_kept >= high_dropped).all()), "a dropped entry outranks a kept one"
+    assert torch.equal(kept, topk_mask(g, k)), "tie order differs from the reference (lower index first)"
+
+
+def test_ties_prefer_lower_index() -> None:
+    g = torch.tensor([[1.0, -1.0, 1.0, 0.5, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    for name in ["reference", "torch"]:
+        idx = load_backend(name).topk_indices(g, 2)
+        assert idx.tolist() == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED])
+def test_nan_gradient_is_a_clear_error(mode) -> None:
+    layer = MePropLinear(4, 6, MePropConfig(mode, 2, "torch"))
+    g = torch.randn(3, 6)
+    g[1, 2] = float("nan")
+    with pytest.raises(InvalidGradientError, match="non-finite"):
+        layer(torch.randn(3, 4)).backward(g)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        MePropConfig(MePropMode.TOPK, 0)
+    with pytest.raises(ValueError, match="positive"):
+        MePropLinear(0, 3)
+    layer = MePropLinear(4, 3)
+    with pytest.raises(ValueError, match=r"expected input \[\.\.\., 4\]"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="unknown backend"):
+        load_backend("nope")
+
+
+def test_hits_count_every_selection() -> None:
+    layer = MePropLinear(5, 8, MePropConfig(MePropMode.TOPK, 3, "torch"), track_hits=True)
+    x, g = torch.randn(4, 5), torch.randn(4, 8)
+    layer(x).backward(g)
+    expected = topk_mask(g, 3).sum(dim=0)
+    assert torch.equal(layer.hits, expected) and layer.refer == 4
+    layer.eval()
+    layer(x).backward(g)  # evaluation never counts
+    assert torch.equal(layer.hits, expected) and layer.refer == 4
+
+
+def test_leading_dimensions_are_flattened() -> None:
+    layer = MePropLinear(5, 7, MePropConfig(MePropMode.TOPK, 2, "torch"))
+    x = torch.randn(2, 3, 5, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, 7)
+    g = torch.randn(2, 3, 7)
+    y.backward(g)
+    mask = topk_mask(g.reshape(6, 7), 2)
+    expected = torch.where(mask, g.reshape(6, 7), 0) @ layer.weight.detach()
+    torch.testing.assert_close(x.grad.reshape(6, 5), expected)

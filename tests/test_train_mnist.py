@@ -1,0 +1,121 @@
+"""The MNIST trainer on a small subset: it learns, repeats exactly with a seed, resumes exactly,
+and writes its files; plus the optimizers' clipping and moment reset."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mesimp_gpu.data.mnist import load_mnist
+from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise, reset_moments
+from mesimp_gpu.train.mnist import Method, MnistConfig, train_mnist
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir: Path):
+    return load_mnist(mnist_dir, download=False)
+
+
+def small(out: Path, **overrides) -> MnistConfig:
+    settings = dict(method=Method.MEPROP, k=8, hidden=48, epochs=1, limit=1200, chunks=3, batch_size=20, progress=False,
+                    out=str(out), backend="torch")
+    settings.update(overrides)
+    return MnistConfig(**settings)
+
+
+@pytest.mark.parametrize("method", [Method.DENSE, Method.MEPROP, Method.UNIFIED, Method.RANDOM])
+def test_training_learns_and_writes_results(tmp_path: Path, mnist, method) -> None:
+    results = train_mnist(small(tmp_path, method=method, epochs=2), data=mnist)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["finished"] and saved["config"]["method"] == method.value
+    assert len(saved["history"]) == 2 * 3
+    assert saved["final"]["test_acc_at_best_dev"] > 35.0, "a 784-48-48-10 MLP must beat chance (10%) by far"
+    assert saved["final"] == json.loads(json.dumps(results["final"]))
+    for phase in ("forward", "backward", "update"):
+        assert saved["final"]["mean_epoch_seconds"][phase] > 0
+    assert (tmp_path / "checkpoint.pt").is_file() and (tmp_path / "curves.png").stat().st_size > 0
+    assert "cpu" in saved["machine"] and saved["machine"]["torch"] == torch.__version__
+
+
+def test_same_seed_same_run(tmp_path: Path, mnist) -> None:
+    a = train_mnist(small(tmp_path / "a", method=Method.RANDOM), data=mnist)
+    b = train_mnist(small(tmp_path / "b", method=Method.RANDOM), data=mnist)
+    c = train_mnist(small(tmp_path / "c", method=Method.RANDOM, seed=2), data=mnist)
+    losses = lambda r: [h["train_loss"] for h in r["history"]]  # noqa: E731
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+
+
+def test_resume_continues_exactly(tmp_path: Path, mnist) -> None:
+    full = train_mnist(small(tmp_path / "full", epochs=2), data=mnist)
+    train_mnist(small(tmp_path / "cut", epochs=1), data=mnist)
+    resumed = train_mnist(small(tmp_path / "cut", epochs=2), resume=True, data=mnist)
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    assert resumed["final"]["test_acc_at_best_dev"] == full["final"]["test_acc_at_best_dev"]
+
+
+def test_resume_refuses_other_settings(tmp_path: Path, mnist) -> None:
+    train_mnist(small(tmp_path), data=mnist)
+    with pytest.raises(ValueError, match="different settings.*hidden"):
+        train_mnist(small(tmp_path, hidden=40), resume=True, data=mnist)
+
+
+def test_resume_without_checkpoint_or_with_corrupt_one(tmp_path: Path, mnist) -> None:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_mnist(small(tmp_path), resume=True, data=mnist)
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable"):
+        train_mnist(small(tmp_path), resume=True, data=mnist)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(k=0), "--k must be at least 1"),
+        (dict(hidden=-3), "--hidden must be at least 1"),
+        (dict(k=600, hidden=500), "exceeds the hidden width"),
+        (dict(lr=0.0), "--lr must be positive"),
+        (dict(limit=0), "--limit must be at least 1"),
+    ],
+)
+def test_impossible_settings(tmp_path: Path, overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        small(tmp_path, **overrides)
+
+
+def test_clip_is_elementwise() -> None:
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([-9.0, -1.0, 2.0, 7.0])
+    clip_elementwise([p], 5.0)
+    assert p.grad.tolist() == [-5.0, -1.0, 2.0, 5.0]
+    with pytest.raises(ValueError, match="clip"):
+        clip_elementwise([p], -1.0)
+
+
+@pytest.mark.parametrize("name", list(OptimizerName))
+def test_optimizers_follow_the_papers(name) -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(name, [p], lr=0.1)
+    p.grad = torch.tensor([1.0, -2.0, 0.0])
+    opt.step()
+    if name is OptimizerName.SGD:
+        expected = [0.9, 1.2, 1.0]
+    elif name is OptimizerName.ADAM:
+        expected = [0.9, 1.1, 1.0]  # first Adam step moves by lr * sign(g)
+    else:
+        expected = [1 - 0.1 / (1 + 1e-6), 1 + 0.1 * 2 / (2 + 1e-6), 1.0]  # AdaGrad eps 1e-6
+    torch.testing.assert_close(p.detach(), torch.tensor(expected), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        build_optimizer(name, [p], lr=0.0)
+
+
+def test_reset_moments_keeps_step() -> None:
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = build_optimizer(OptimizerName.ADAM, [p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    reset_moments(opt)
+    state = opt.state[p]
+    assert float(state["exp_avg"].abs().sum()) == 0 and float(state["exp_avg_sq"].abs().sum()) == 0
+    assert float(state["step"]) == 1
