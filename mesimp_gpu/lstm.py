@@ -34,7 +34,8 @@ unchanged, the output is zero and ``dz`` is zero; padded rows never count as meS
 
 meSimp: a hidden unit counts a hit when any of its four gate entries is selected for an example and
 step (:attr:`HitCounting.ANY`); :attr:`HitCounting.EACH_GATE` counts every selected gate entry instead
-(up to 4 per example and step). ``refer`` counts the real (unpadded) tokens seen in training. A prune
+(up to 4 per example and step); with ``MePropConfig.nonzero_hits`` only kept entries with a non-zero
+gradient count. ``refer`` counts the real (unpadded) tokens seen in training. A prune
 step deletes a unit's rows in all four gates of ``W_x``, ``W_h`` and ``b``, its column of ``W_h``, its
 input column of the next layer, and the matching optimizer state.
 """
@@ -98,16 +99,22 @@ def select_gate_entries(
     return idx.contiguous()
 
 
-def record_hits(hits: Tensor, idx: Tensor, valid: Tensor, counting: HitCounting) -> None:
-    """Add the hits of one step's selection ``idx`` ``[B, kk]`` for the real rows ``valid`` ``[B]`` to ``hits`` ``[H]``."""
+def record_hits(
+    hits: Tensor, idx: Tensor, valid: Tensor, counting: HitCounting, dz: Tensor | None = None
+) -> None:
+    """Add the hits of one step's selection ``idx`` ``[B, kk]`` for the real rows ``valid`` ``[B]`` to ``hits`` ``[H]``.
+
+    With ``dz`` (``[B, 4H]``, ``MePropConfig.nonzero_hits``) a kept entry counts only when its gradient is non-zero.
+    """
     hidden = hits.numel()
-    units = idx[valid] % hidden  # (b_valid, kk)
+    kept = torch.ones_like(idx, dtype=torch.bool) if dz is None else dz.gather(1, idx) != 0
+    units = idx % hidden  # (B, kk)
     if counting is HitCounting.EACH_GATE:
-        hits += torch.bincount(units.reshape(-1), minlength=hidden).to(hits.dtype)
+        hits += torch.bincount(units[kept & valid.unsqueeze(1)], minlength=hidden).to(hits.dtype)
     else:
-        touched = torch.zeros(units.shape[0], hidden, dtype=torch.bool, device=hits.device)
-        touched.scatter_(1, units, True)
-        hits += touched.sum(dim=0).to(hits.dtype)
+        touched = torch.zeros(idx.shape[0], hidden, dtype=torch.bool, device=hits.device)
+        touched.scatter_(1, units, kept)  # a unit is hit when any of its kept gate entries counts
+        hits += touched[valid].sum(dim=0).to(hits.dtype)
 
 
 class MePropLSTMFunction(torch.autograd.Function):
@@ -176,6 +183,7 @@ class MePropLSTMFunction(torch.autograd.Function):
         kept = GATES * config.k if per_gate else config.k
         idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
         d_weight_hh = None if dense else torch.zeros_like(weight_hh)
+        every = torch.arange(GATES * hidden, device=x.device).unsqueeze(0)  # (1, 4H): the dense "selection"
         dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
         dc = x.new_zeros(batch, hidden)
         order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
@@ -193,11 +201,13 @@ class MePropLSTMFunction(torch.autograd.Function):
             dz[:, 3 * hidden :] = dh_new * tanh_c * o * (1.0 - o)
             if dense:
                 dh_rec = dz @ weight_hh  # dW_h: one GEMM over all steps after the loop
+                if hits is not None and config.nonzero_hits:
+                    record_hits(hits, every.expand(batch, -1), mask[t], ctx.counting, dz)
             else:
                 idx = select_gate_entries(dz, config, ctx.selection, backend)
                 idx_all[t] = idx
                 if hits is not None:
-                    record_hits(hits, idx, mask[t], ctx.counting)
+                    record_hits(hits, idx, mask[t], ctx.counting, dz if config.nonzero_hits else None)
                 dh_rec, dw_step = backend.sparse_backward(dz, idx, h_prev_all[t], weight_hh)
                 d_weight_hh += dw_step
             # a padded step carried h and c unchanged, so their gradients pass straight through
@@ -205,7 +215,7 @@ class MePropLSTMFunction(torch.autograd.Function):
             dc = torch.where(m, dc_total * f, dc)
 
         valid_rows = int(mask.sum())
-        if hits is not None and dense:
+        if hits is not None and dense and not config.nonzero_hits:  # every unit of every real row is hit
             hits += valid_rows * (GATES if ctx.counting is HitCounting.EACH_GATE else 1)
         dz_flat = dz_all.view(steps * batch, GATES * hidden)
         x_flat = x.reshape(steps * batch, -1)

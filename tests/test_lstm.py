@@ -188,6 +188,25 @@ def test_sparse_bias_uses_kept_entries_only(seed: int, selection: GateSelection)
         torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
 
 
+@pytest.mark.parametrize("k", [12, 16])  # 16 = 4H: the dense path
+@pytest.mark.parametrize("counting", list(HitCounting))
+def test_nonzero_hits_skip_units_without_gradient(seed: int, k: int, counting: HitCounting) -> None:
+    """Units 2 and 3 feed nothing (zero W_h columns, zero readout): their dz is exactly zero."""
+    hidden = 4
+    x, lengths = make_inputs(3, 4, 3)
+    readout = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64)
+    hits = []
+    for nonzero in (False, True):
+        config = MePropConfig(mode=MePropMode.TOPK, k=k, backend="torch", nonzero_hits=nonzero)
+        lstm = MePropLSTM(3, hidden, config, selection=GateSelection.ALL, counting=counting, track_hits=True).double()
+        with torch.no_grad():
+            lstm.directions[0].weight_hh[:, 2:] = 0.0
+        (lstm(x, lengths=lengths) * readout).sum().backward()
+        hits.append(lstm.directions[0].hits.tolist())
+    assert hits[1][2:] == [0, 0] and hits[0][2:] != [0, 0]
+    assert all(h > 0 for h in hits[1][:2])
+
+
 def test_each_gate_counting_counts_every_selected_entry(seed: int) -> None:
     hidden, k = 5, 2
     lstm = MePropLSTM(3, hidden, MePropConfig(k=k, backend="reference"), selection=GateSelection.PER_GATE,
