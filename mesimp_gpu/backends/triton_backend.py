@@ -12,8 +12,6 @@ Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` (Triton's in
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -21,6 +19,8 @@ from mesimp_gpu.backends import BackendUnavailable
 from mesimp_gpu.backends.base import Backend, check_finite, check_k
 
 try:
+    import triton
+
     from mesimp_gpu.kernels.gather import meprop_dx
     from mesimp_gpu.kernels.rows import meprop_dw
     from mesimp_gpu.kernels.topk import topk_dx, topk_select
@@ -30,8 +30,8 @@ except ImportError as exc:  # triton missing or broken
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, read as Triton reads it)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
 class TritonBackend(Backend):
