@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mesimp_gpu.backends import Backend, get_backend
 from mesimp_gpu.backends.base import bincount_hits, check_finite
+from mesimp_gpu.lazy_optim import mark_touched_rows
 
 
 class MePropMode(str, enum.Enum):
@@ -120,6 +121,8 @@ class MePropFunction(torch.autograd.Function):
                 db = kept_bias_grad(g, idx)
         if ctx.hits is not None and config.nonzero_hits:
             count_nonzero_hits(ctx.hits, g, idx)
+        if ctx.needs_input_grad[1]:  # rows of dW that can be non-zero, for the lazy optimizers
+            mark_touched_rows(weight, None if dense else idx)
         return dx, dw, db, None, None, None
 
 

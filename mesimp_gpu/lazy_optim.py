@@ -1,0 +1,189 @@
+"""Lazy optimizers: update only the rows of a weight that per-example meProp touched.
+
+With per-example meProp the weight gradient ``dW`` (``[out, in]``) is zero outside the rows of the
+kept columns, so an update of the other rows is either a no-op (plain SGD) or only the decay of an
+optimizer state. :class:`MePropFunction` records the kept columns on the weight
+(:func:`mark_touched_rows`) during backward; :class:`LazySGD` and :class:`LazyAdam` read that record
+at :meth:`step`, update those rows only, and clear it. Parameters without a record (biases, layers
+that are not meProp, dense mode) get the ordinary dense update.
+
+Semantics:
+
+- ``LazySGD`` without momentum is exactly SGD. With momentum, the buffers of untouched rows are not
+  decayed and those rows do not move (dense SGD would keep moving them with the decayed momentum).
+- ``LazyAdam`` decays ``exp_avg`` and ``exp_avg_sq`` only on touched rows and moves only those rows;
+  the step counter (bias correction) is per parameter, as in dense Adam. This differs slightly from
+  Adam, which also decays the moments of, and keeps moving, rows whose gradient is zero (the same
+  trade as ``torch.optim.SparseAdam``).
+- ``clip_value`` clamps every gradient entry to ``[-clip_value, clip_value]`` before the update (the
+  reference's element-wise clipping); on the touched rows only, which is exact because the other
+  rows are zero.
+- The record assumes the weight's gradient comes only from meProp backward passes. A weight that
+  also receives gradient through another path (weight tying, a penalty on ``W`` in the loss) must
+  use a dense optimizer. Records of several backward passes before one step are united.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+#: attribute on a weight Parameter: kept-column tensors since the last lazy step, or [None] (every row)
+TOUCHED_ROWS_ATTR = "meprop_touched_rows"
+#: records kept before they are folded into one index tensor (bounds memory under dense optimizers)
+MAX_PENDING = 16
+
+
+def union_rows(pending: list[Tensor], n_rows: int) -> Tensor:
+    """Sorted unique rows (``[r]`` int64) of a list of index tensors of any shape."""
+    mask = torch.zeros(n_rows, dtype=torch.bool, device=pending[0].device)
+    for rows in pending:
+        mask.index_fill_(0, rows.reshape(-1), True)
+    return mask.nonzero().squeeze(1)
+
+
+def mark_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
+    """Record that a backward pass wrote ``weight.grad`` only in ``rows`` (int64, any shape; None: every row).
+
+    Usually keeps a reference only (no copy, no kernel); every ``MAX_PENDING`` records are folded into
+    one, so a weight trained by a dense optimizer, which never reads the record, holds a bounded amount.
+    """
+    pending = weight.__dict__.setdefault(TOUCHED_ROWS_ATTR, [])
+    if pending and pending[0] is None:
+        return  # already every row
+    if rows is None:
+        pending[:] = [None]
+        return
+    pending.append(rows)
+    if len(pending) > MAX_PENDING:
+        pending[:] = [union_rows(pending, weight.shape[0])]
+
+
+def take_touched_rows(param: Tensor) -> Tensor | None:
+    """Sorted unique rows recorded on ``param`` since the last call, clearing the record.
+
+    Returns None when the update must be dense: no record, a record of every row, or every row touched.
+    """
+    pending = param.__dict__.pop(TOUCHED_ROWS_ATTR, None)
+    if not pending or pending[0] is None:
+        return None
+    touched = union_rows(pending, param.shape[0])
+    return None if touched.numel() == param.shape[0] else touched
+
+
+def clipped(grad: Tensor, clip_value: float | None) -> Tensor:
+    """``grad`` clamped element-wise to ``[-clip_value, clip_value]`` in place (None: unchanged)."""
+    return grad if clip_value is None else grad.clamp_(-clip_value, clip_value)
+
+
+class LazyOptimizer(torch.optim.Optimizer):
+    """Shared :meth:`step`: finds each parameter's touched rows and calls :meth:`update`."""
+
+    def __init__(self, params: Iterable[Tensor], defaults: dict) -> None:
+        clip_value = defaults.get("clip_value")
+        if clip_value is not None and clip_value <= 0:
+            raise ValueError(f"clip_value must be positive, got {clip_value}")
+        if defaults["lr"] <= 0:
+            raise ValueError(f"learning rate must be positive, got {defaults['lr']}")
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                rows = take_touched_rows(p)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} takes dense gradients")
+                self.update(p, rows, group)
+        return loss
+
+    def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
+        """Update ``p`` in place from ``p.grad``: only ``rows`` (``[r]`` int64) of dim 0, or all of ``p`` if None."""
+        raise NotImplementedError
+
+
+class LazySGD(LazyOptimizer):
+    """SGD (optionally with momentum) that updates only the rows meProp touched; see the module docstring."""
+
+    def __init__(
+        self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, clip_value: float | None = None
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, clip_value=clip_value))
+
+    def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        g = (p.grad.clone() if rows is None else p.grad.index_select(0, rows)).contiguous()  # (r, ...) own copy
+        g = clipped(g, group["clip_value"])
+        if momentum:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            if rows is None:
+                g = buf.mul_(momentum).add_(g)
+            else:
+                g = buf.index_select(0, rows).mul_(momentum).add_(g)
+                buf.index_copy_(0, rows, g)
+        if rows is None:
+            p.add_(g, alpha=-lr)
+        else:
+            p.index_add_(0, rows, g, alpha=-lr)
+
+
+class LazyAdam(LazyOptimizer):
+    """Adam whose moments decay and whose rows move only where meProp touched; see the module docstring.
+
+    State keys match :class:`torch.optim.Adam` (``step``, ``exp_avg``, ``exp_avg_sq``), so helpers
+    that reset Adam's moments work unchanged.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip_value: float | None = None,
+    ) -> None:
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip_value=clip_value))
+
+    def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t = float(state["step"])
+        g = (p.grad.clone() if rows is None else p.grad.index_select(0, rows)).contiguous()  # (r, ...) own copy
+        g = clipped(g, group["clip_value"])
+        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
+        m = m_all if rows is None else m_all.index_select(0, rows)
+        v = v_all if rows is None else v_all.index_select(0, rows)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        if rows is not None:
+            m_all.index_copy_(0, rows, m)
+            v_all.index_copy_(0, rows, v)
+        # torch.optim.Adam's update: p -= lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+        denom = (v.sqrt() / (1.0 - beta2**t) ** 0.5).add_(group["eps"])
+        step = m.div(denom).mul_(-group["lr"] / (1.0 - beta1**t))
+        if rows is None:
+            p.add_(step)
+        else:
+            p.index_add_(0, rows, step)

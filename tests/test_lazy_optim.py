@@ -1,0 +1,153 @@
+"""Lazy SGD and Adam against plain formulas, and the touched-rows record that meProp leaves on weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mesimp_gpu.lazy_optim import (
+    MAX_PENDING,
+    TOUCHED_ROWS_ATTR,
+    LazyAdam,
+    LazySGD,
+    mark_touched_rows,
+    take_touched_rows,
+)
+from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
+
+
+def row_sparse_grad(p: nn.Parameter, rows: torch.Tensor) -> None:
+    """Give ``p`` a gradient that is non-zero only on ``rows``, and record them as meProp does."""
+    g = torch.zeros_like(p)
+    g[rows] = torch.randn(len(rows), *p.shape[1:]) * 3
+    p.grad = g
+    mark_touched_rows(p, rows.reshape(1, -1))
+
+
+def test_record_unites_backward_passes_and_clears():
+    w = nn.Parameter(torch.zeros(10, 3))
+    mark_touched_rows(w, torch.tensor([[4, 1], [1, 7]]))
+    mark_touched_rows(w, torch.tensor([2]))
+    assert take_touched_rows(w).tolist() == [1, 2, 4, 7]
+    assert TOUCHED_ROWS_ATTR not in w.__dict__
+    assert take_touched_rows(w) is None  # no record: dense update
+    mark_touched_rows(w, torch.tensor([3]))
+    mark_touched_rows(w, None)
+    mark_touched_rows(w, torch.tensor([5]))
+    assert take_touched_rows(w) is None  # every row
+    mark_touched_rows(w, torch.arange(10))
+    assert take_touched_rows(w) is None  # all touched: dense is cheaper
+
+
+def test_record_stays_bounded_without_a_lazy_step():
+    w = nn.Parameter(torch.zeros(50, 2))
+    for i in range(10 * MAX_PENDING):
+        mark_touched_rows(w, torch.tensor([i % 40]))
+    assert len(w.__dict__[TOUCHED_ROWS_ATTR]) <= MAX_PENDING + 1
+    assert take_touched_rows(w).tolist() == list(range(40))
+
+
+@pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED, MePropMode.RANDOM])
+def test_meprop_backward_records_the_rows_of_dw(seed, mode):
+    layer = MePropLinear(12, 30, MePropConfig(mode=mode, k=3, backend="reference"))
+    layer(torch.randn(4, 12)).pow(2).sum().backward()
+    nonzero_rows = layer.weight.grad.abs().sum(dim=1).nonzero().squeeze(1)
+    rows = take_touched_rows(layer.weight)
+    assert set(nonzero_rows.tolist()) <= set(rows.tolist())
+    assert rows.dtype == torch.int64 and len(rows) < 30
+    assert take_touched_rows(layer.bias) is None  # biases are not recorded: dense update
+
+
+def test_dense_meprop_records_every_row(seed):
+    layer = MePropLinear(5, 6, MePropConfig(mode=MePropMode.TOPK, k=6, backend="reference"))
+    layer(torch.randn(3, 5)).sum().backward()
+    assert layer.weight.__dict__[TOUCHED_ROWS_ATTR] == [None]
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_lazy_sgd_is_sgd(seed, clip):
+    p = nn.Parameter(torch.randn(20, 4))
+    opt = LazySGD([p], lr=0.1, clip_value=clip)
+    for rows in ([3, 5, 11], [0, 5], [19]):
+        before = p.detach().clone()
+        row_sparse_grad(p, torch.tensor(rows))
+        g = p.grad if clip is None else p.grad.clamp(-clip, clip)
+        expected = before - 0.1 * g
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def test_lazy_sgd_momentum_touches_only_recorded_rows(seed):
+    p = nn.Parameter(torch.randn(8, 3))
+    opt = LazySGD([p], lr=0.5, momentum=0.9)
+    buf = torch.zeros_like(p)
+    expected = p.detach().clone()
+    for rows in ([1, 2], [2, 6], [7]):
+        row_sparse_grad(p, torch.tensor(rows))
+        buf[rows] = 0.9 * buf[rows] + p.grad[rows]
+        expected[rows] -= 0.5 * buf[rows]
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_lazy_adam_formula(seed, clip):
+    """Moments decay and rows move only where touched; bias correction uses the parameter's step count."""
+    p = nn.Parameter(torch.randn(9, 5))
+    lr, (b1, b2), eps = 0.01, (0.9, 0.999), 1e-8
+    opt = LazyAdam([p], lr=lr, betas=(b1, b2), eps=eps, clip_value=clip)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    expected = p.detach().clone()
+    for t, rows in enumerate(([0, 4], [4, 8, 2], [1], [4]), start=1):
+        row_sparse_grad(p, torch.tensor(rows))
+        g = p.grad[rows] if clip is None else p.grad[rows].clamp(-clip, clip)
+        m[rows] = b1 * m[rows] + (1 - b1) * g
+        v[rows] = b2 * v[rows] + (1 - b2) * g * g
+        m_hat, v_hat = m[rows] / (1 - b1**t), v[rows] / (1 - b2**t)
+        expected[rows] -= lr * m_hat / (v_hat.sqrt() + eps)
+        opt.step()
+        torch.testing.assert_close(p.detach(), expected)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m)
+
+
+def test_without_a_record_lazy_adam_is_adam(seed):
+    a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
+    a2, b2 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
+    lazy, dense = LazyAdam([a, b], lr=0.01), torch.optim.Adam([a2, b2], lr=0.01)
+    for _ in range(4):
+        ga, gb = torch.randn(6, 4), torch.randn(6)
+        a.grad, b.grad, a2.grad, b2.grad = ga.clone(), gb.clone(), ga.clone(), gb.clone()
+        lazy.step()
+        dense.step()
+    torch.testing.assert_close(a.detach(), a2.detach())
+    torch.testing.assert_close(b.detach(), b2.detach())
+
+
+def test_lazy_sgd_trains_a_meprop_layer_like_sgd(seed):
+    torch.manual_seed(seed)
+    lazy_layer = MePropLinear(16, 40, MePropConfig(mode=MePropMode.TOPK, k=2, backend="reference"))
+    dense_layer = MePropLinear(16, 40, MePropConfig(mode=MePropMode.TOPK, k=2, backend="reference"))
+    dense_layer.load_state_dict(lazy_layer.state_dict())
+    lazy = LazySGD(lazy_layer.parameters(), lr=0.05, clip_value=5.0)
+    dense = torch.optim.SGD(dense_layer.parameters(), lr=0.05)
+    for _ in range(3):
+        x = torch.randn(3, 16)
+        for layer, opt in ((lazy_layer, lazy), (dense_layer, dense)):
+            opt.zero_grad()
+            layer(x).pow(2).sum().backward()
+            if opt is dense:
+                nn.utils.clip_grad_value_(layer.parameters(), 5.0)
+            opt.step()
+    torch.testing.assert_close(lazy_layer.weight, dense_layer.weight)
+    torch.testing.assert_close(lazy_layer.bias, dense_layer.bias)
+
+
+def test_invalid_settings_are_rejected():
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError):
+        LazySGD(p, lr=0.0)
+    with pytest.raises(ValueError):
+        LazySGD(p, lr=0.1, clip_value=-1.0)
+    with pytest.raises(ValueError):
+        LazyAdam(p, betas=(1.0, 0.9))
