@@ -68,7 +68,7 @@ def topk_select(g: Tensor, k: int, hits: Tensor | None = None) -> tuple[Tensor, 
         vals, idx = logic.select_topk(cupy, gc, k, _kth_largest_abs(gc, k))
         if hits is not None:
             logic.add_hits(cupy, _cp(hits), idx)
-    return torch.from_dlpack(vals), torch.from_dlpack(idx)
+        return torch.from_dlpack(vals), torch.from_dlpack(idx)
 
 
 def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
@@ -133,7 +133,7 @@ def unified_backward(g: Tensor, x: Tensor, weight: Tensor, k: int) -> tuple[Tens
         _, cols = logic.select_topk(cupy, scores, k, _kth_largest_abs(scores, k))
         cols = cols[0]
         dx, dw = logic.unified_products(cupy, _cp(g), _cp(x), _cp(weight), cols)
-    return torch.from_dlpack(dx), torch.from_dlpack(dw), torch.from_dlpack(cols)
+        return torch.from_dlpack(dx), torch.from_dlpack(dw), torch.from_dlpack(cols)
 
 
 class CupyBackend(Backend):
