@@ -8,14 +8,19 @@ One direction, hidden size ``H``, input size ``I``, gate order ``i, f, g, o`` (a
 The forward pass is dense. In the backward pass the gate pre-activation gradient ``dz_t = dL/dz_t``
 (``[B, 4H]`` per step) is sparsified per example before it reaches the two linear products:
 
-- ``dh_{t-1} += dz_t^k @ W_h`` and ``dW_h += dz_t^k.T @ h_{t-1}`` (per step, in the backward time loop),
-- ``dx_t = dz_t^k @ W_x`` and ``dW_x = sum_t dz_t^k.T @ x_t`` (one call over all steps after the loop:
-  the input side does not feed the recurrence, so it is batched over ``T * B`` rows).
+- ``dh_{t-1} += dz_t^k @ W_h`` in the backward time loop: the only product the recurrence needs
+  step by step, a weighted sum of ``k`` rows of ``W_h`` per example (:func:`kept_rows_product`);
+- ``dx_t = dz_t^k @ W_x``, ``dW_x = sum_t dz_t^k.T @ x_t`` and ``dW_h = sum_t dz_t^k.T @ h_{t-1}`` after
+  the loop, each one backend call over all ``T * B`` rows (the kept indices of every step are stored).
 
-Both products go through the registry's :class:`~mesimp_gpu.backends.Backend` (``topk_indices`` and
-``sparse_backward``), the same selection and sparse products as :class:`~mesimp_gpu.meprop.MePropLinear`,
-so a faster backend speeds up the LSTM too. The bias gradient is dense (``sum`` of ``dz``) unless the
-config asks for ``sparse_bias``.
+The selection (``topk_indices``) and the after-loop products (``sparse_backward``) go through the
+registry's :class:`~mesimp_gpu.backends.Backend`, the same selection and sparse products as
+:class:`~mesimp_gpu.meprop.MePropLinear`, so a faster backend speeds up the LSTM too. Why ``dW_h`` is
+not accumulated per step: ``sparse_backward`` returns a dense ``[4H, H]`` ``dW``, and writing plus
+adding one per step costs ``O(4H * H)`` per step whatever ``k`` is; one call over all steps keeps the
+backward cost proportional to ``k``. (That call's ``dx`` output repeats the in-loop products and is
+dropped: ``O(T B k H)`` extra work, which a dx-free launcher in the backend contract would save.)
+The bias gradient is dense (``sum`` of ``dz``) unless the config asks for ``sparse_bias``.
 
 Which entries are kept (:class:`GateSelection`):
 
@@ -117,6 +122,15 @@ def record_hits(
         hits += touched[valid].sum(dim=0).to(hits.dtype)
 
 
+def kept_rows_product(g: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    """``G_k @ weight`` for the kept entries ``idx`` ``[B, kk]`` of ``g`` ``[B, out]``: ``[B, in]``.
+
+    Each row gathers its ``kk`` rows of ``weight`` (``[out, in]``): ``O(B kk in)``, no ``dW``.
+    """
+    vals = g.gather(1, idx).unsqueeze(1)  # (B, 1, kk)
+    return torch.bmm(vals, weight[idx]).squeeze(1)  # (B, 1, kk) @ (B, kk, in) -> (B, in)
+
+
 class MePropLSTMFunction(torch.autograd.Function):
     """One LSTM direction over a whole padded sequence, time-major; see the module docstring."""
 
@@ -182,7 +196,6 @@ class MePropLSTMFunction(torch.autograd.Function):
         dz_all = x.new_zeros(steps, batch, GATES * hidden)
         kept = GATES * config.k if per_gate else config.k
         idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
-        d_weight_hh = None if dense else torch.zeros_like(weight_hh)
         every = torch.arange(GATES * hidden, device=x.device).unsqueeze(0)  # (1, 4H): the dense "selection"
         dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
         dc = x.new_zeros(batch, hidden)
@@ -208,8 +221,7 @@ class MePropLSTMFunction(torch.autograd.Function):
                 idx_all[t] = idx
                 if hits is not None:
                     record_hits(hits, idx, mask[t], ctx.counting, dz if config.nonzero_hits else None)
-                dh_rec, dw_step = backend.sparse_backward(dz, idx, h_prev_all[t], weight_hh)
-                d_weight_hh += dw_step
+                dh_rec = kept_rows_product(dz, idx, weight_hh)
             # a padded step carried h and c unchanged, so their gradients pass straight through
             dh = torch.where(m, dh_rec, dh)
             dc = torch.where(m, dc_total * f, dc)
@@ -219,13 +231,15 @@ class MePropLSTMFunction(torch.autograd.Function):
             hits += valid_rows * (GATES if ctx.counting is HitCounting.EACH_GATE else 1)
         dz_flat = dz_all.view(steps * batch, GATES * hidden)
         x_flat = x.reshape(steps * batch, -1)
+        h_prev_flat = h_prev_all.view(steps * batch, hidden)
         if dense:
             dx, d_weight_ih = dz_flat @ weight_ih, dz_flat.t() @ x_flat
-            d_weight_hh = dz_flat.t() @ h_prev_all.view(steps * batch, hidden)
+            d_weight_hh = dz_flat.t() @ h_prev_flat
             d_bias = dz_flat.sum(dim=0)
         else:
             idx_flat = idx_all.view(steps * batch, kept)
             dx, d_weight_ih = backend.sparse_backward(dz_flat, idx_flat, x_flat, weight_ih)
+            _, d_weight_hh = backend.sparse_backward(dz_flat, idx_flat, h_prev_flat, weight_hh)
             d_bias = kept_bias_grad(dz_flat, idx_flat) if config.sparse_bias else dz_flat.sum(dim=0)
         return dx.view_as(x), None, d_weight_ih, d_weight_hh, d_bias, None, None, None, None, None, None
 
