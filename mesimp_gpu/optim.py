@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 class OptimizerName(str, enum.Enum):
@@ -50,3 +50,33 @@ def reset_moments(optimizer: torch.optim.Optimizer) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
                 state[key].zero_()
+
+
+def slice_parameter(
+    module: nn.Module, name: str, take: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> nn.Parameter:
+    """Replace ``module.<name>`` by a new, smaller Parameter ``take(old)`` and carry the optimizer along.
+
+    ``take`` is an indexing that shrinks the tensor, e.g. ``lambda w: w[keep]`` (rows of a
+    ``[out, in]`` weight, ``keep`` ``[out]`` bool) or ``lambda w: w[:, keep]`` (columns). The new
+    Parameter takes the old one's place in its param group (same position, so the optimizer's
+    ``state_dict`` numbering is unchanged), and its state is the old state with every tensor of the
+    old parameter's shape sliced by the same ``take``: Adam ``exp_avg``/``exp_avg_sq``
+    (``max_exp_avg_sq``), AdaGrad ``sum``, SGD ``momentum_buffer``. Other entries (Adam's ``step``)
+    are kept as they are. The old gradient is dropped. Returns the new Parameter.
+    """
+    old: nn.Parameter = getattr(module, name)
+    with torch.no_grad():
+        new = nn.Parameter(take(old.detach()).contiguous(), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    if optimizer is None:
+        return new
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is not None:
+        optimizer.state[new] = {
+            key: take(value).contiguous() if isinstance(value, Tensor) and value.shape == old.shape else value
+            for key, value in state.items()
+        }
+    return new

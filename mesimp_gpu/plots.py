@@ -23,23 +23,55 @@ def save_figure(fig: plt.Figure, path: str | Path) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def hidden_sizes(history: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Hidden widths per record (``sizes`` without the input and output layers)."""
+    return [r["sizes"][1:-1] for r in history]
+
+
+def draw_dev_accuracy(ax: plt.Axes, runs: dict[str, Sequence[dict[str, Any]]], title: str) -> None:
+    """Dev accuracy against update step, one line per labelled history (legend when more than one)."""
+    for label, history in runs.items():
+        ax.plot([r["step"] for r in history], [r["dev_acc"] for r in history], marker=".", label=label)
+    ax.set(xlabel="update step", ylabel="dev accuracy (%)", title=title)
+    if len(runs) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def draw_hidden_sizes(ax: plt.Axes, history: Sequence[dict[str, Any]], title: str = "hidden sizes") -> None:
+    """Neurons kept per hidden layer against update step (a step line: sizes change only at prune steps)."""
+    steps, sizes = [r["step"] for r in history], hidden_sizes(history)
+    for layer in range(len(sizes[0])):
+        ax.plot(steps, [s[layer] for s in sizes], drawstyle="steps-post", label=f"hidden layer {layer + 1}")
+    ax.set(xlabel="update step", ylabel="neurons kept", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+
+
 def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str) -> None:
-    """Dev accuracy (and hidden sizes, when they change) against training step."""
+    """Dev accuracy (and hidden sizes, when they change) against training step, side by side in one PNG."""
     if not history:
         return
-    steps = [r["step"] for r in history]
-    sizes = [r["sizes"][1:-1] for r in history]
+    sizes = hidden_sizes(history)
     shrinks = any(s != sizes[0] for s in sizes)
     fig, axes = plt.subplots(1, 2 if shrinks else 1, figsize=(11 if shrinks else 6, 4), squeeze=False)
-    ax = axes[0][0]
-    ax.plot(steps, [r["dev_acc"] for r in history], marker=".")
-    ax.set(xlabel="update step", ylabel="dev accuracy (%)", title=title)
-    ax.grid(alpha=0.3)
+    draw_dev_accuracy(axes[0][0], {title: history}, title)
     if shrinks:
-        ax = axes[0][1]
-        for layer in range(len(sizes[0])):
-            ax.plot(steps, [s[layer] for s in sizes], label=f"hidden layer {layer + 1}")
-        ax.set(xlabel="update step", ylabel="neurons kept", title="hidden sizes")
-        ax.legend()
-        ax.grid(alpha=0.3)
+        draw_hidden_sizes(axes[0][1], history)
     save_figure(fig, path)
+
+
+def plot_simplification(
+    runs: dict[str, Sequence[dict[str, Any]]], sizes_path: str | Path, accuracy_path: str | Path, title: str
+) -> None:
+    """Two PNGs for a meSimp run: hidden sizes of the first history in ``runs`` over training, and
+    the dev accuracy of every labelled history in ``runs`` (e.g. meSimp and a same-size baseline)."""
+    first = next(iter(runs.values()), [])
+    if not first:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw_hidden_sizes(ax, first, f"{title}: hidden sizes")
+    save_figure(fig, sizes_path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    draw_dev_accuracy(ax, runs, f"{title}: dev accuracy")
+    save_figure(fig, accuracy_path)

@@ -1,16 +1,22 @@
-"""Train the MNIST MLP with dense back propagation or a meProp variant, as the reference does.
+"""Train the MNIST MLP with meSimp, dense back propagation or a meProp variant, as the reference does.
 
 Each epoch is shuffled and cut into ``chunks`` pieces; after each piece the dev set is scored, and
 the test set too when dev improved, so the reported test accuracy is the one at the best dev score.
 A checkpoint and the results file are rewritten (atomically) after every piece, so ``resume``
 continues an interrupted run from its last finished piece and gives the same result as an
 uninterrupted run.
+
+meSimp (the default method) adds the prune schedule of :mod:`mesimp_gpu.mesimp` as a chunk hook:
+a prune step after each chunk of the pruning cycles, before that chunk's evaluation. The shrunk
+network is checkpointed with its new shape and saved as ``model.json`` + ``model.pt`` at the end.
+With ``compare_same_size`` a dense MLP of the final simplified sizes is then trained from scratch
+with the same settings (in ``out/same-size``), the paper's comparison.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,10 +27,11 @@ from tqdm import tqdm
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.io import write_json
+from mesimp_gpu.mesimp import MesimpHook
 from mesimp_gpu.meprop import MePropConfig, MePropMode
-from mesimp_gpu.models.mlp import MLP
+from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise
-from mesimp_gpu.plots import plot_history
+from mesimp_gpu.plots import plot_history, plot_simplification
 from mesimp_gpu.train.common import (
     BestTracker,
     PhaseTimer,
@@ -46,6 +53,7 @@ INPUT_SIZE, CLASSES = 784, 10
 class Method(str, enum.Enum):
     """Training method of ``train mnist``."""
 
+    MESIMP = "mesimp"  # meProp top-k plus hit records and prune steps: the model shrinks
     DENSE = "dense"  # full back propagation everywhere
     MEPROP = "meprop"  # per-example top-k on hidden layers (the paper's method)
     UNIFIED = "unified"  # one top-k column set per minibatch on hidden layers
@@ -53,6 +61,7 @@ class Method(str, enum.Enum):
 
 
 METHOD_MODE = {
+    Method.MESIMP: MePropMode.TOPK,
     Method.DENSE: MePropMode.DENSE,
     Method.MEPROP: MePropMode.TOPK,
     Method.UNIFIED: MePropMode.UNIFIED,
@@ -64,10 +73,12 @@ METHOD_MODE = {
 class MnistConfig:
     """Every setting of ``mesimp-gpu train mnist``; the CLI options mirror these fields."""
 
-    method: Method = Method.MEPROP  # dense | meprop | unified | random
-    k: int = 20  # entries kept per example (or per minibatch for unified) in each hidden layer
+    method: Method = Method.MESIMP  # mesimp | dense | meprop | unified | random
+    k: int = 160  # entries kept per example (or per minibatch for unified) per hidden layer; meSimp
+    #              reference 160, the meProp paper's MNIST runs 20
     hidden: int = 500  # width of every hidden layer
     layers: int = 2  # number of hidden layers
+    hidden_sizes: tuple[int, ...] | None = None  # per-layer widths; overrides hidden and layers
     epochs: int = 2  # passes over the 55,000 training images (the reference runs 20)
     batch_size: int = 100  # examples per update
     optimizer: OptimizerName = OptimizerName.ADAM
@@ -75,6 +86,11 @@ class MnistConfig:
     clip: float | None = 5.0  # element-wise gradient clipping; None disables
     grad_sum: bool = True  # sum the loss over the minibatch (reference) instead of averaging
     chunks: int = 8  # dev evaluations per epoch ("IterPerEpoch" of the reference)
+    prune: float = 0.1  # meSimp: remove neurons with hits < floor(refer * prune), in [0, 1)
+    cycle: int = 1  # meSimp: epochs per cycle, prune in even cycles (reference 5); 0: prune always
+    reset_moments: bool = True  # meSimp: zero Adam's m and v (not t) at each cycle boundary
+    nonzero_hits: bool = False  # meSimp: count only selected non-zero gradients as hits (reference: all)
+    compare_same_size: bool = False  # meSimp: then train a dense MLP of the final sizes from scratch
     seed: int = 1  # seeds initialisation, shuffling and random selection
     device: str = "cpu"  # cpu, cuda or cuda:N
     backend: str = "auto"  # meProp backend, see mesimp_gpu.backends
@@ -89,24 +105,59 @@ class MnistConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.hidden_sizes is not None and (not self.hidden_sizes or min(self.hidden_sizes) < 1):
+            raise ValueError(f"--hidden-sizes must be positive widths, got {list(self.hidden_sizes)}")
+        if not 0.0 <= self.prune < 1.0:
+            raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
+        if self.cycle < 0:
+            raise ValueError(f"--cycle must be at least 0, got {self.cycle}")
+        if self.compare_same_size and self.method is not Method.MESIMP:
+            raise ValueError("--compare-same-size needs --method mesimp (it compares with the simplified sizes)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"--clip must be positive, got {self.clip}")
-        if self.method is not Method.DENSE and self.k > self.hidden:
-            raise ValueError(f"--k {self.k} exceeds the hidden width {self.hidden}; use --method dense for full "
-                             f"back propagation or choose k <= {self.hidden}")
+        widest = max(self.sizes[1:-1])
+        if self.method is not Method.DENSE and self.k > widest:
+            raise ValueError(f"--k {self.k} exceeds the hidden width {widest}; use --method dense for full "
+                             f"back propagation or choose k <= {widest}")
 
     @property
     def sizes(self) -> list[int]:
-        """Initial layer widths ``[784, hidden x layers, 10]``."""
-        return [INPUT_SIZE, *[self.hidden] * self.layers, CLASSES]
+        """Initial layer widths ``[784, hidden x layers, 10]`` (or ``[784, *hidden_sizes, 10]``)."""
+        hidden = list(self.hidden_sizes) if self.hidden_sizes is not None else [self.hidden] * self.layers
+        return [INPUT_SIZE, *hidden, CLASSES]
+
+
+class Preset(str, enum.Enum):
+    """Named sets of settings for ``train mnist --preset``."""
+
+    PAPER = "paper"  # the meSimp reference (C# code, MNIST): every setting below
+
+
+#: preset -> settings; options given explicitly on the command line override them
+PRESETS: dict[Preset, dict[str, Any]] = {
+    Preset.PAPER: dict(
+        method=Method.MESIMP, k=160, hidden=500, layers=2, hidden_sizes=None, epochs=20, batch_size=100,
+        optimizer=OptimizerName.ADAM, lr=1e-3, clip=5.0, grad_sum=True, chunks=8, prune=0.1, cycle=5,
+        reset_moments=True, nonzero_hits=False,
+    ),
+}
+
+
+def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
+    """An :class:`MnistConfig` from ``preset`` (if any) with ``settings`` on top; unknown names are errors."""
+    known = {f.name for f in fields(MnistConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown MNIST settings: {', '.join(unknown)}")
+    return MnistConfig(**{**(PRESETS[preset] if preset else {}), **settings})
 
 
 #: settings that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "data_dir"}
+RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "data_dir", "compare_same_size"}
 
 
 class ChunkHook(Protocol):
@@ -136,6 +187,9 @@ class MnistTrainer:
         self.train_set, self.dev, self.test = (
             Split(s.images.to(self.device), s.labels.to(self.device)) for s in (data.train, data.dev, data.test)
         )
+        self.chunks_per_epoch = len(chunk_bounds(len(self.train_set), config.chunks))
+        if config.method is Method.MESIMP:
+            hooks = (MesimpHook(config.prune, config.cycle, config.reset_moments, config.epochs), *hooks)
         self.hooks = hooks
         seed_everything(config.seed)
         self.model = self.build_model(config.sizes)
@@ -152,9 +206,11 @@ class MnistTrainer:
     def build_model(self, sizes: list[int]) -> MLP:
         """The MLP for ``sizes`` with this run's meProp settings, on the run's device."""
         c = self.config
-        return MLP(sizes, MePropConfig(METHOD_MODE[c.method], c.k, c.backend)).to(self.device)
+        meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.nonzero_hits)
+        return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP).to(self.device)
 
     def parameter_count(self) -> int:
+        """Parameters of the current (possibly shrunk) model."""
         return sum(p.numel() for p in self.model.parameters())
 
     @property
@@ -230,6 +286,7 @@ class MnistTrainer:
                        f"best dev {self.best.best_dev:.2f} (test {self.best.test_at_best:.2f})")
         results = self.results(final=True)
         write_json(self.out / "results.json", results)
+        save_mlp(self.model, self.out)
         plot_history(self.history, self.out / "curves.png", title=f"MNIST, {c.method.value}")
         return results
 
@@ -237,6 +294,7 @@ class MnistTrainer:
         """The results document: config, machine, history, time per epoch, final metrics."""
         phases = ("forward", "backward", "update")
         per_epoch = {p: sum(t[p] for t in self.epoch_times) / max(len(self.epoch_times), 1) for p in phases}
+        kept = self.model.sizes[1:-1]
         return {
             "task": "mnist",
             "config": jsonable(self.config),
@@ -250,9 +308,13 @@ class MnistTrainer:
                 "best_step": self.best.best_step,
                 "last_dev_acc": self.history[-1]["dev_acc"] if self.history else None,
                 "sizes": self.model.sizes,
+                "kept": kept,
+                "kept_mean": sum(kept) / len(kept),
                 "parameters_initial": self.initial_params,
                 "parameters_final": self.parameter_count(),
                 "mean_epoch_seconds": per_epoch,
+                "train_seconds": sum(t[p] for t in self.epoch_times for p in phases),
+                "prune_seconds": sum(r.get("prune_seconds", 0.0) for r in self.history),
             },
         }
 
@@ -265,6 +327,7 @@ class MnistTrainer:
             "optimizer": self.optimizer.state_dict(),
             "position": self.position,
             "step": self.step,
+            "refer": [layer.refer for layer in self.model.hidden],
             "history": self.history,
             "epoch_times": self.epoch_times,
             "timer": self.timer.seconds,
@@ -284,6 +347,8 @@ class MnistTrainer:
                              "use the same options, or another --out")
         self.model = self.build_model(state["sizes"])
         self.model.load_state_dict(state["model"])
+        for layer, refer in zip(self.model.hidden, state.get("refer", [])):
+            layer.refer = refer
         self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
         self.optimizer.load_state_dict(state["optimizer"])
         self.position, self.step = tuple(state["position"]), state["step"]
@@ -294,10 +359,51 @@ class MnistTrainer:
         set_rng_state(state["rng"])
 
 
+def same_size_config(config: MnistConfig, kept: list[int]) -> MnistConfig:
+    """The baseline of ``config``'s meSimp run: a dense MLP with hidden widths ``kept``, trained from
+    scratch with the same budget (epochs, batch, optimizer, seed), written to ``out/same-size``."""
+    return replace(config, method=Method.DENSE, hidden_sizes=tuple(kept), compare_same_size=False,
+                   out=str(Path(config.out) / "same-size"))
+
+
 def train_mnist(config: MnistConfig, resume: bool = False, data: Mnist | None = None,
                 hooks: tuple[ChunkHook, ...] = ()) -> dict[str, Any]:
-    """Train as ``config`` says (continuing ``config.out``'s checkpoint when ``resume``); returns the results."""
+    """Train as ``config`` says (continuing ``config.out``'s checkpoint when ``resume``); returns the results.
+
+    With ``compare_same_size`` the results gain ``same_size``: the final metrics of the dense
+    same-size baseline (resumed too when its checkpoint exists), and the plots show both runs.
+    """
     trainer = MnistTrainer(config, data, hooks)
     if resume:
         trainer.restore()
-    return trainer.run()
+    results = trainer.run()
+    runs = {config.method.value: trainer.history}
+    if config.compare_same_size:
+        base = MnistTrainer(same_size_config(config, results["final"]["kept"]), data)
+        if resume and base.checkpoint_path.is_file():
+            base.restore()
+        results["same_size"] = {"out": str(base.out), **base.run()["final"]}
+        runs["dense, same size from scratch"] = base.history
+        write_json(trainer.out / "results.json", results)
+    if config.method is Method.MESIMP:
+        plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png", "MNIST, meSimp")
+    return results
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """A plain-text table of a run (and its same-size baseline, when present): accuracy, kept sizes,
+    parameters before and after, training time."""
+    rows = [("run", "test acc", "best dev", "kept per layer", "mean kept", "params before", "params after",
+             "train s", "s/epoch")]
+    runs = [(results["config"]["method"], results["final"])]
+    if "same_size" in results:
+        runs.append(("dense same size", results["same_size"]))
+    for name, final in runs:
+        epoch = sum(final["mean_epoch_seconds"].values())
+        rows.append((name, f"{final['test_acc_at_best_dev']:.2f}", f"{final['best_dev_acc']:.2f}",
+                     "-".join(map(str, final["kept"])), f"{final['kept_mean']:.1f}",
+                     f"{final['parameters_initial']:,}", f"{final['parameters_final']:,}",
+                     f"{final['train_seconds']:.1f}", f"{epoch:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                     for row in rows)

@@ -1,0 +1,154 @@
+"""meSimp: model simplification by meProp hit records, with real (not masked) pruning.
+
+Every meProp hidden layer built with ``track_hits`` keeps, per output neuron, ``hits[j]`` (how
+often ``j`` was in an example's top-k set) and ``refer`` (examples seen); see
+:class:`~mesimp_gpu.meprop.MePropLinear`. A prune step removes, for good, every neuron with
+``hits[j] < floor(refer * p)`` and resets the record. "Removes" means the layer's weight rows and
+bias entries, the next layer's input columns and the optimizer state of all of them are sliced
+away (:func:`~mesimp_gpu.optim.slice_parameter`): parameter count, memory and the cost of the
+forward and backward passes all fall, and the network computes exactly what the masked network
+would (a pruned neuron contributed nothing through the next layer's deleted column).
+
+Live columns versus the reference's masks. The reference keeps all ``out`` columns and gives a
+pruned column ``G = 0``; its top-k runs over all columns. Here the pruned columns no longer exist,
+so the top-k runs over the live columns only. The training step is the same either way: a pruned
+column can only be picked with ``G = 0``, which adds nothing to ``dx`` or ``dW``. The hit records
+differ in one corner: where an example has fewer than ``k`` non-zero live entries, the reference
+fills its set with zero columns by lowest index, pruned ones included, while here only live zero
+columns fill it. So live hits here are at least the reference's, and equal whenever every example
+has ``k`` non-zero live entries. Both stop pruning once a layer has at most ``k`` neurons (here
+exactly: ``k >= width`` is dense, so every neuron is hit by every example). With the
+``nonzero_hits`` switch (count only selected entries with ``G != 0``) the two agree exactly, and
+pruning can go on below ``k``.
+
+Schedule (the reference's, in epochs): cycles of ``cycle`` epochs. In even cycles (epochs
+``0 .. cycle-1``, ``2*cycle .. 3*cycle-1``, ...) a prune step follows every chunk of training; in odd
+cycles the sizes stay fixed. Adam's moments (``m`` and ``v``, not the step count) are reset at every
+cycle boundary. The prune step runs before that chunk's dev evaluation, so every score belongs to
+the network as it then exists. ``cycle = 0`` prunes after every chunk of every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from mesimp_gpu.meprop import MePropLinear
+from mesimp_gpu.optim import reset_moments, slice_parameter
+
+if TYPE_CHECKING:
+    from mesimp_gpu.models.mlp import MLP
+    from mesimp_gpu.train.mnist import MnistTrainer
+
+
+def check_threshold(threshold: float) -> None:
+    """Raise ValueError unless the prune threshold ``p`` lies in ``[0, 1)``."""
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"prune threshold must be in [0, 1), got {threshold}")
+
+
+def prune_mask(hits: Tensor, refer: int, threshold: float) -> Tensor:
+    """Neurons that survive a prune step: ``hits`` ``[out]`` -> ``[out]`` bool, ``hits >= floor(refer * p)``.
+
+    At least the most-hit neuron always survives, so a layer never disappears.
+    """
+    check_threshold(threshold)
+    keep = hits >= math.floor(refer * threshold)
+    if not bool(keep.any()):
+        keep[int(hits.argmax())] = True
+    return keep
+
+
+def shrink_outputs_(
+    layer: MePropLinear, next_layer: MePropLinear, keep: Tensor, optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Delete ``layer``'s output neurons where ``keep`` (``[out]`` bool) is False, in place.
+
+    Slices ``layer.weight`` ``[out, in]`` and ``layer.bias`` ``[out]`` by rows, its hit record, and
+    ``next_layer.weight`` ``[next_out, out]`` by columns, each with its optimizer state.
+    """
+    if keep.shape != (layer.out_features,) or keep.dtype != torch.bool:
+        raise ValueError(f"keep mask must be bool [{layer.out_features}], got {keep.dtype} {tuple(keep.shape)}")
+    if next_layer.in_features != layer.out_features:
+        raise ValueError(f"next layer reads {next_layer.in_features} inputs, the layer has {layer.out_features} outputs")
+    keep = keep.to(layer.weight.device)
+    slice_parameter(layer, "weight", lambda w: w[keep], optimizer)
+    if layer.bias is not None:
+        slice_parameter(layer, "bias", lambda b: b[keep], optimizer)
+    if layer.hits is not None:
+        layer.hits = layer.hits[keep].clone()
+    slice_parameter(next_layer, "weight", lambda w: w[:, keep], optimizer)
+    layer.out_features = next_layer.in_features = int(keep.sum())
+
+
+def reset_records_(layers: Sequence[MePropLinear]) -> None:
+    """Zero the hit record (``hits`` and ``refer``) of every layer."""
+    for layer in layers:
+        if layer.hits is not None:
+            layer.hits.zero_()
+        layer.refer = 0
+
+
+def prune_step_(model: MLP, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+    """One meSimp prune step on every hidden layer of ``model``; returns the new hidden sizes.
+
+    All keep masks come from the same record (taken before any slicing), then the record resets.
+    """
+    hidden = model.hidden
+    if any(layer.hits is None for layer in hidden):
+        raise ValueError("meSimp needs hit records: build the MLP with track_hits=True")
+    keeps = [prune_mask(layer.hits, layer.refer, threshold) for layer in hidden]
+    for i, keep in enumerate(keeps):
+        if not bool(keep.all()):
+            shrink_outputs_(model.layers[i], model.layers[i + 1], keep, optimizer)
+    reset_records_(hidden)
+    return [layer.out_features for layer in hidden]
+
+
+def prunes_in(epoch: int, cycle: int) -> bool:
+    """Whether meSimp prunes during ``epoch`` (0-based): in even cycles of ``cycle`` epochs; always if ``cycle`` is 0."""
+    return cycle == 0 or (epoch // cycle) % 2 == 0
+
+
+def ends_cycle(epoch: int, cycle: int, epochs: int) -> bool:
+    """Whether ``epoch`` is the last of a cycle that another cycle follows (moments reset after it)."""
+    return cycle > 0 and (epoch + 1) % cycle == 0 and epoch + 1 < epochs
+
+
+class MesimpHook:
+    """The meSimp schedule as a :class:`~mesimp_gpu.train.mnist.ChunkHook` of the MNIST trainer.
+
+    After each chunk (before its dev evaluation): a prune step in pruning epochs, otherwise the
+    record is discarded, so each prune step sees exactly one chunk of training; after the last chunk
+    of a cycle, Adam's moments are reset. Every checkpoint is therefore taken with an empty record.
+    """
+
+    def __init__(self, threshold: float, cycle: int, reset_moments: bool, epochs: int) -> None:
+        check_threshold(threshold)
+        if cycle < 0:
+            raise ValueError(f"cycle must be at least 0, got {cycle}")
+        self.threshold, self.cycle, self.reset_moments, self.epochs = threshold, cycle, reset_moments, epochs
+
+    def on_chunk_end(self, trainer: MnistTrainer, epoch: int, chunk: int) -> dict[str, Any]:
+        """Prune (or discard the record) and maybe reset moments; returns the fields for the history record."""
+        record: dict[str, Any] = {"pruned": prunes_in(epoch, self.cycle), "moments_reset": False}
+        start = time.perf_counter()
+        if record["pruned"]:
+            before = trainer.model.sizes[1:-1]
+            sizes = prune_step_(trainer.model, self.threshold, trainer.optimizer)
+            tqdm.write(f"epoch {epoch + 1} chunk {chunk + 1}: hidden sizes {'-'.join(map(str, sizes))} "
+                       f"(removed {sum(before) - sum(sizes)}, {trainer.parameter_count():,} parameters)")
+        else:
+            reset_records_(trainer.model.hidden)
+        record["prune_seconds"] = time.perf_counter() - start
+        if (self.reset_moments and chunk == trainer.chunks_per_epoch - 1
+                and ends_cycle(epoch, self.cycle, self.epochs)):
+            reset_moments(trainer.optimizer)
+            record["moments_reset"] = True
+        return record
