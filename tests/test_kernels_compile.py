@@ -77,6 +77,14 @@ CASES: list[tuple[str, str, str, dict[str, str], dict[str, Any], int]] = [
         4,
     ),
     (
+        "topk_resident_512_fp16_dx",
+        "topk",
+        "_topk_rows_kernel",
+        {**_TOPK_SIG, "g_ptr": "*fp16", "vals_ptr": "*fp16", "w_ptr": "*fp16", "dx_ptr": "*fp16"},
+        {"HAS_HITS": False, "FUSE_DX": True, "RESIDENT": True, "BLOCK_N": 512, "BLOCK_K": 32, "BLOCK_IN": 128},
+        4,
+    ),
+    (
         "topk_resident_8192_hits_dx",
         "topk",
         "_topk_rows_kernel",
@@ -103,6 +111,14 @@ CASES: list[tuple[str, str, str, dict[str, str], dict[str, Any], int]] = [
         )
         for mode, value in (("accumulate", 0), ("sgd", 1), ("adam", 2))
     ],
+    (
+        "rows_accumulate_bf16",
+        "rows",
+        "_meprop_rows_kernel",
+        {**_ROWS_SIG, "vals_ptr": "*bf16", "x_ptr": "*bf16", "dst_ptr": "*bf16"},
+        {"MODE": 0, "CLIP": False, "BLOCK_E": 16, "BLOCK_IN": 128},
+        4,
+    ),
     (
         "column_abs_sum",
         "unified",
