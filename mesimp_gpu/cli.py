@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from mesimp_gpu.backends import BACKEND_NAMES, BackendUnavailable, InvalidGradientError
+from mesimp_gpu.bench.config import BenchConfig, Suite
 from mesimp_gpu.data.idx import IdxFormatError
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.mnist import Method, MnistConfig, Preset, mnist_config
@@ -154,6 +155,59 @@ def evaluate_command(
     params = sum(p.numel() for p in net.parameters())
     typer.echo(f"test accuracy {score:.2f}% on {len(test)} images | sizes {'-'.join(map(str, net.sizes))} | "
                f"{params:,} parameters")
+
+
+_BENCH = BenchConfig()
+
+
+@app.command("bench")
+def bench_command(
+    device: str = typer.Option(_BENCH.device, help="cpu, cuda or cuda:N (cuda adds a calibration of the GPU)."),
+    suite: Optional[list[Suite]] = typer.Option(None, help="Suite to run (repeatable). Default: all."),
+    quick: bool = typer.Option(False, help="The ~one-minute preset: small grid, few repeats, short training."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch; 0: all cores (default)."),
+    batch: Optional[list[int]] = typer.Option(None, help=f"Batch size (repeatable). Default: {_BENCH.batches}."),
+    width: Optional[list[int]] = typer.Option(None, help=f"Layer width n (repeatable). Default: {_BENCH.widths}."),
+    k: Optional[list[int]] = typer.Option(None, help=f"Kept entries k (repeatable). Default: {_BENCH.ks}."),
+    k_fraction: Optional[float] = typer.Option(None, help="Also k = n * this per width; 0 disables. Default: 1/16."),
+    cpu_max_gflop: Optional[float] = typer.Option(None, help="Skip layer shapes whose dense forward+backward "
+                                                  f"exceeds this many GFLOP on CPU. Default: {_BENCH.cpu_max_gflop:g}."),
+    memory_limit_gib: Optional[float] = typer.Option(None, help="Skip providers needing more temporary memory. "
+                                                     f"Default: {_BENCH.memory_limit_gib:g}."),
+    warmup: Optional[int] = typer.Option(None, help=f"Untimed calls first. Default: {_BENCH.warmup}."),
+    min_repeats: Optional[int] = typer.Option(None, help=f"Samples per provider, at least. Default: {_BENCH.min_repeats}."),
+    max_repeats: Optional[int] = typer.Option(None, help=f"Samples per provider, at most. Default: {_BENCH.max_repeats}."),
+    budget_s: Optional[float] = typer.Option(None, help=f"Timed seconds per shape. Default: {_BENCH.budget_s:g}."),
+    min_sample_s: Optional[float] = typer.Option(None, help=f"Least seconds per sample. Default: {_BENCH.min_sample_s:g}."),
+    train_limit: Optional[int] = typer.Option(None, help=f"Train suite images. Default: {_BENCH.train_limit}."),
+    train_epochs: Optional[int] = typer.Option(None, help=f"Train suite epochs. Default: {_BENCH.train_epochs}."),
+    train_k: Optional[int] = typer.Option(None, help=f"Train suite meProp k. Default: {_BENCH.train_k}."),
+    mesimp_k: Optional[int] = typer.Option(None, help=f"Train suite meSimp k. Default: {_BENCH.mesimp_k}."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (train suite)."),
+    out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
+    seed: Optional[int] = typer.Option(None, help=f"Seed of the inputs. Default: {_BENCH.seed}."),
+    report: Optional[Path] = typer.Option(None, help="Redraw tables and plots of a saved results file; runs nothing."),
+) -> None:
+    """Time meProp against dense and prior-art baselines; writes bench-<device>-<time>.json, prints tables."""
+    import shlex
+    import sys
+
+    from mesimp_gpu.bench.config import make_config
+    from mesimp_gpu.bench.report import report_file
+    from mesimp_gpu.bench.runner import main as run_main
+
+    with user_errors():
+        if report is not None:
+            typer.echo(report_file(report))
+            return
+        config = make_config(
+            quick, device=device, suites=suite, threads=threads, batches=batch, widths=width, ks=k,
+            k_fraction=k_fraction, cpu_max_gflop=cpu_max_gflop, memory_limit_gib=memory_limit_gib, warmup=warmup,
+            min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, min_sample_s=min_sample_s,
+            train_limit=train_limit, train_epochs=train_epochs, train_k=train_k, mesimp_k=mesimp_k,
+            data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir) if out_dir else None, seed=seed,
+        )
+        run_main(config, shlex.join(["mesimp-gpu", *sys.argv[1:]]))
 
 
 train_app.command("pos")(pos_command)

@@ -1,0 +1,132 @@
+"""Settings of ``mesimp-gpu bench``: one frozen dataclass whose fields the CLI options mirror.
+
+Two presets: the full benchmark (the defaults below) and ``--quick`` (:data:`QUICK`, about a
+minute on a 2-core CPU). Options given on the command line override the preset's values.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+
+class Suite(str, enum.Enum):
+    """What to measure. The CUDA calibration is not a suite: it runs with every ``--device cuda`` run."""
+
+    LAYER = "layer"  # one hidden linear layer: backward, forward+backward
+    TOPK = "topk"  # row-wise top-k selection alone
+    TRAIN = "train"  # time per epoch of MNIST training, split by phase
+
+
+class Pass(str, enum.Enum):
+    """Which part of a layer step is timed."""
+
+    BACKWARD = "backward"  # autograd backward from a retained graph
+    FORWARD_BACKWARD = "forward+backward"  # a fresh forward, then its backward
+
+
+class Provider(str, enum.Enum):
+    """Who computes a measured row."""
+
+    DENSE = "dense"  # torch.nn.functional.linear with ordinary autograd: the baseline of every speedup
+    TOPK = "meprop-topk"  # MePropLinear, per-example top-k (the paper's method) on one backend
+    UNIFIED = "meprop-unified"  # MePropLinear, one top-k column set per minibatch
+    RANDOM = "meprop-random"  # MePropLinear, k random columns per example (ablation)
+    PRIOR_SCATTER = "prior-scatter"  # torch.topk, dense scatter of G_k, two full GEMMs
+    PRIOR_SPARSE = "prior-sparse"  # torch.topk, a sparse COO G_k, torch.sparse.mm (the authors' GPU code)
+    TORCH_TOPK = "torch.topk"  # torch.topk of |G|: the baseline of the topk suite
+    SELECT = "topk_indices"  # a backend's row-wise selection (Backend.topk_indices)
+
+
+def all_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Every setting of ``mesimp-gpu bench``; the defaults are the full benchmark."""
+
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    suites: tuple[Suite, ...] = tuple(Suite)  # suites to run, in this order
+    quick: bool = False  # True: the ~one-minute preset (QUICK); recorded in the results
+    threads: int = 0  # CPU threads for torch (and the cpu backend); 0: all cores of this process
+    batches: tuple[int, ...] = (10, 100, 1024)  # layer and topk suites: minibatch sizes
+    widths: tuple[int, ...] = (500, 2048, 8192)  # layer and topk suites: layer width n (in = out = n)
+    ks: tuple[int, ...] = (5, 20, 160)  # kept entries per example; values >= n are left out
+    k_fraction: float = 1 / 16  # also k = round(n * k_fraction) per width; 0 disables
+    cpu_max_gflop: float = 100.0  # on CPU, skip layer shapes whose dense forward+backward exceeds this
+    memory_limit_gib: float = 4.0  # skip a provider whose temporaries would exceed this (e.g. W[idx] gathers)
+    warmup: int = 2  # untimed calls per provider before timing
+    min_repeats: int = 5  # timed samples per provider, at least
+    max_repeats: int = 50  # timed samples per provider, at most
+    budget_s: float = 4.0  # target timed seconds per configuration (all providers, one pass)
+    min_sample_s: float = 2e-3  # calls are looped until one sample lasts this long (timer resolution)
+    train_limit: int = 10_000  # train suite: first N training images (and N // 10 dev/test)
+    train_epochs: int = 2  # train suite: epochs per method; the median epoch is reported
+    train_k: int = 20  # train suite: k of meProp (the paper's MNIST setting)
+    mesimp_k: int = 160  # train suite: k of meSimp (the meSimp reference's MNIST setting)
+    data_dir: str | None = None  # MNIST folder; default: MESIMP_DATA_DIR, cache, download
+    out_dir: str = "bench/results"  # where bench-<device>-<time>.json and its plots are written
+    seed: int = 0  # seeds the inputs of every configuration
+
+    def __post_init__(self) -> None:
+        positive = {"batch": self.batches, "width": self.widths, "k": self.ks}
+        for name, values in positive.items():
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"--{name} needs positive values, got {list(values)}")
+        if not self.suites:
+            raise ValueError("choose at least one --suite")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be 0 (all cores) or positive, got {self.threads}")
+        if not 0 <= self.k_fraction < 1:
+            raise ValueError(f"--k-fraction must be in [0, 1), got {self.k_fraction}")
+        if self.min_repeats < 1 or self.max_repeats < self.min_repeats:
+            raise ValueError(f"need 1 <= --min-repeats <= --max-repeats, got {self.min_repeats}, {self.max_repeats}")
+        if self.warmup < 0 or self.budget_s <= 0 or self.min_sample_s <= 0:
+            raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
+        if self.train_limit < 1 or self.train_epochs < 1 or self.train_k < 1 or self.mesimp_k < 1:
+            raise ValueError("--train-limit, --train-epochs, --train-k and --mesimp-k must be at least 1")
+
+    @property
+    def thread_count(self) -> int:
+        """The thread count actually used: ``threads``, or all cores when 0."""
+        return self.threads or all_cores()
+
+    def layer_ks(self, width: int) -> list[int]:
+        """The k values measured at ``width``: ``ks`` and ``width * k_fraction``, ascending, each < ``width``."""
+        ks = set(self.ks)
+        if self.k_fraction:
+            ks.add(max(1, round(width * self.k_fraction)))
+        return sorted(k for k in ks if k < width)
+
+
+#: the ``--quick`` preset: small shapes, few repeats, a short training run (about a minute on 2 cores)
+QUICK = dict(
+    quick=True,
+    batches=(10, 100),
+    widths=(500, 2048),
+    ks=(20,),
+    min_repeats=3,
+    max_repeats=10,
+    budget_s=0.5,
+    train_limit=2000,
+    train_epochs=1,
+)
+
+
+def make_config(quick: bool = False, **options: Any) -> BenchConfig:
+    """The full or quick preset, with every option that is not None put over it."""
+    known = {f.name for f in fields(BenchConfig)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown bench options: {', '.join(sorted(unknown))}")
+    base = BenchConfig(**QUICK) if quick else BenchConfig()
+    given = {name: tuple(dict.fromkeys(v)) if isinstance(v, (list, tuple)) else v  # repeated values once
+             for name, v in options.items() if v is not None}
+    return replace(base, **given)

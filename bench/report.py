@@ -1,0 +1,245 @@
+"""Tables (markdown) and plots (PNG) drawn from a saved results file, so any run can be redrawn.
+
+``render(doc)`` gives the markdown; ``draw_plots(doc, json_path)`` writes the PNGs beside the
+JSON file: the layer speedup against k/n per width (one figure per timed pass) and the time
+split of training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from mesimp_gpu.bench.config import Pass, Provider, Suite
+from mesimp_gpu.plots import save_figure
+from mesimp_gpu.train.common import PHASES
+
+Row = dict[str, Any]
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """Read a results file written by ``mesimp-gpu bench``; ValueError when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no results file at {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(doc, dict) or "rows" not in doc or "header" not in doc:
+        raise ValueError(f"{path} is not a mesimp-gpu bench results file (no header and rows)")
+    return doc
+
+
+def markdown_table(headers: Sequence[str], body: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table; numbers must already be formatted."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def suite_rows(doc: dict[str, Any], suite: Suite) -> list[Row]:
+    return [r for r in doc["rows"] if r["suite"] == suite.value]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3g}"
+
+
+def marked(r: Row, text: str) -> str:
+    """``text`` with a warning mark when the row failed its correctness check."""
+    return text if r.get("check_passed", True) else f"{text} ✗"
+
+
+def labels_in_order(rows: Sequence[Row]) -> list[str]:
+    """Provider labels as they first appear (the order the suite ran them)."""
+    return list(dict.fromkeys(r["label"] for r in rows))
+
+
+def layer_table(rows: Sequence[Row], mode: Pass, cell: Callable[[Row], str]) -> str:
+    """One line per (batch, width, k); a column per provider holding ``cell(row)``; dense time first."""
+    timed = [r for r in rows if r.get("pass") == mode.value]
+    providers = [p for p in labels_in_order(timed) if p != Provider.DENSE.value]
+    dense = {(r["batch"], r["width"]): r for r in timed if r["provider"] == Provider.DENSE.value}
+    cells: dict[tuple[int, int, int], dict[str, str]] = {}
+    for r in timed:
+        if r["provider"] != Provider.DENSE.value:
+            cells.setdefault((r["batch"], r["width"], r["k"]), {})[r["label"]] = (
+                marked(r, cell(r)) if r["status"] == "ok" else "skipped")
+    for r in rows:  # providers skipped for memory at some k
+        if r["status"] == "skipped" and r.get("k") is not None:
+            cells.setdefault((r["batch"], r["width"], r["k"]), {})[r["label"]] = "skipped"
+    body = []
+    for (batch, width, k), by_label in sorted(cells.items()):
+        d = dense.get((batch, width))
+        body.append([batch, width, k, f"{k / width:.3g}", marked(d, ms(d["median_s"])) if d else "",
+                     *[by_label.get(p, "") for p in providers]])
+    return markdown_table(["B", "n", "k", "k/n", "dense ms", *providers], body)
+
+
+def layer_section(doc: dict[str, Any]) -> str:
+    rows = suite_rows(doc, Suite.LAYER)
+    if not rows:
+        return ""
+    parts = ["## Layer: speedup over dense autograd (n -> n linear layer, float32)", "",
+             "Cells are dense median / provider median on the same tensors, timed side by side; "
+             "✗ marks a failed correctness check."]
+    for mode in Pass:
+        parts += ["", f"### {mode.value}", "", layer_table(rows, mode, lambda r: f"{r['speedup']:.2f}x")]
+    if any("hw_fraction" in r for r in rows):
+        parts += ["", "### Fraction of the hardware roofline (backward)", "",
+                  layer_table(rows, Pass.BACKWARD, lambda r: f"{r['hw_fraction']:.2f}")]
+    skipped = [r for r in rows if r["status"] == "skipped" and r.get("k") is None]
+    if skipped:
+        parts += ["", "Skipped shapes: " + "; ".join(f"B={r['batch']} n={r['width']} ({r['reason']})" for r in skipped)]
+    return "\n".join(parts)
+
+
+def topk_section(doc: dict[str, Any]) -> str:
+    rows = suite_rows(doc, Suite.TOPK)
+    if not rows:
+        return ""
+    providers = labels_in_order(rows)
+    by_shape: dict[tuple[int, int, int], dict[str, str]] = {}
+    for r in rows:
+        by_shape.setdefault((r["batch"], r["width"], r["k"]), {})[r["label"]] = marked(
+            r, f"{r['median_s'] * 1e6:.3g} µs, {r['speedup']:.2f}x, {r['bandwidth_gbs']:.3g} GB/s")
+    body = [[b, n, k, *[cells.get(p, "") for p in providers]] for (b, n, k), cells in sorted(by_shape.items())]
+    return "\n".join(["## Top-k selection: time, speedup over torch.topk, bytes of G read per second", "",
+                      markdown_table(["B", "n", "k", *providers], body)])
+
+
+def train_section(doc: dict[str, Any]) -> str:
+    rows = suite_rows(doc, Suite.TRAIN)
+    if not rows:
+        return ""
+    first = rows[0]
+    body = [[r["method"], r["k"] if r["k"] is not None else "-", *[f"{r['phases_s'][p]:.2f}" for p in PHASES],
+             f"{r['median_s']:.2f}", f"{r['full_epoch_s']:.1f}", f"{r['speedup']:.2f}x", f"{r['backward_speedup']:.2f}x",
+             f"{r['test_acc']:.2f}", "-".join(map(str, r["sizes"]))] for r in rows]
+    return "\n".join([
+        "## Training: MNIST MLP, seconds per epoch by phase", "",
+        f"First {first['images']} training images, {first['epochs']} epoch(s), batch {first['batch']}, backend "
+        f"{first['backend']}; the median epoch is shown, the full 55,000-image epoch is extrapolated linearly, "
+        "and the accuracy is that of this short run (not the papers' 20 epochs).", "",
+        markdown_table(["method", "k", *[f"{p} s" for p in PHASES], "epoch s", "full epoch s (est.)",
+                        "speedup", "backward speedup", "test acc %", "final sizes"], body)])
+
+
+def calibration_section(doc: dict[str, Any]) -> str:
+    cal = doc["header"].get("calibration")
+    if not cal:
+        return ""
+    body = [["device-to-device copy", f"{cal['copy_gbs']:.0f} GB/s"],
+            *[[f"matmul {p}", f"{cal[f'matmul_{p}_tflops']:.1f} TFLOP/s"] for p in ("fp32", "tf32", "bf16")],
+            ["empty kernel launch", f"{cal['launch_us']:.2f} µs"]]
+    return "\n".join(["## Calibration", "", markdown_table(["quantity", "measured"], body)])
+
+
+def header_section(doc: dict[str, Any]) -> str:
+    h = doc["header"]
+    m = h["machine"]
+    gpu = f", GPU {m['gpu']} ({m['gpu_memory_gib']} GiB)" if m.get("gpu") else ""
+    lines = [f"# mesimp-gpu benchmark: {h['device']} ({h['created']})", "",
+             f"- command: `{h['command']}`",
+             f"- machine: {m['cpu']}, {m['cpu_count']} cores, {h['threads']} torch threads{gpu}; "
+             f"load average {h['load_average_start']} at start",
+             f"- software: torch {m['torch']}, triton {m['triton']}, cupy {m['cupy']}, mesimp-gpu {m['mesimp_gpu']} "
+             f"(commit {m['git_commit']})",
+             f"- backends: {', '.join(h['backends'])}; skipped: "
+             + ("; ".join(f"{k} ({v})" for k, v in h["skipped_backends"].items()) or "none")]
+    lines += [f"- note: {n}" for n in h.get("notes", [])]
+    return "\n".join(lines)
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The whole report as markdown."""
+    sections = [header_section(doc), calibration_section(doc), layer_section(doc), topk_section(doc), train_section(doc)]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def plot_paths(json_path: str | Path, doc: dict[str, Any]) -> dict[str, Path]:
+    """Where the plots of a results file go: beside it, named after it."""
+    path = Path(json_path)
+    out = {}
+    if suite_rows(doc, Suite.LAYER):
+        for mode in Pass:
+            out[f"layer {mode.value}"] = path.with_name(f"{path.stem}-layer-{mode.value.replace('+', '-')}.png")
+    if suite_rows(doc, Suite.TRAIN):
+        out["train"] = path.with_name(f"{path.stem}-train.png")
+    return out
+
+
+def plot_layer(rows: Sequence[Row], mode: Pass, path: Path, title: str) -> None:
+    """Speedup over dense against k/n: one panel per (batch, width), one line per provider."""
+    timed = [r for r in rows if r.get("pass") == mode.value and r["status"] == "ok"
+             and r["provider"] != Provider.DENSE.value]
+    batches = sorted({r["batch"] for r in timed})
+    widths = sorted({r["width"] for r in timed})
+    if not timed:
+        return
+    fig, axes = plt.subplots(len(batches), len(widths), figsize=(4.2 * len(widths), 3.4 * len(batches)),
+                             squeeze=False, sharey=True)
+    for i, batch in enumerate(batches):
+        for j, width in enumerate(widths):
+            ax = axes[i][j]
+            for name in labels_in_order(timed):
+                pts = sorted((r["k_fraction"], r["speedup"]) for r in timed
+                             if r["label"] == name and r["batch"] == batch and r["width"] == width)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=name)
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.set(xscale="log", yscale="log", title=f"B={batch}, n={width}", xlabel="k / n")
+            if j == 0:
+                ax.set_ylabel("speedup over dense")
+            ax.grid(alpha=0.3, which="both")
+    handles, names = axes[0][0].get_legend_handles_labels()
+    for ax in axes.flat:
+        more = ax.get_legend_handles_labels()
+        if len(more[1]) > len(names):
+            handles, names = more
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    save_figure(fig, path)
+
+
+def plot_train(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Stacked bars: seconds per epoch in forward, backward and update, per method."""
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.6 * len(rows)))
+    names = [r["method"] for r in rows]
+    left = [0.0] * len(rows)
+    for phase in PHASES:
+        values = [r["phases_s"][phase] for r in rows]
+        ax.barh(names, values, left=left, label=phase)
+        left = [a + b for a, b in zip(left, values)]
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds per epoch (median)", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3, axis="x")
+    save_figure(fig, path)
+
+
+def draw_plots(doc: dict[str, Any], json_path: str | Path) -> list[Path]:
+    """Write every plot of ``doc`` beside ``json_path``; returns the paths written."""
+    paths = plot_paths(json_path, doc)
+    device = doc["header"]["device"]
+    for mode in Pass:
+        key = f"layer {mode.value}"
+        if key in paths:
+            plot_layer(suite_rows(doc, Suite.LAYER), mode, paths[key], f"meProp layer {mode.value} on {device}")
+    if "train" in paths:
+        rows = suite_rows(doc, Suite.TRAIN)
+        plot_train(rows, paths["train"], f"MNIST MLP on {device}, {rows[0]['images']} images per epoch")
+    return [p for p in paths.values() if p.exists()]
+
+
+def report_file(path: str | Path) -> str:
+    """Redraw the plots of a saved results file and return its markdown report."""
+    doc = load(path)
+    draw_plots(doc, path)
+    return render(doc)

@@ -1,0 +1,118 @@
+"""``mesimp-gpu bench``: run the chosen suites, write the results file, print and plot the report.
+
+The results file (``bench-<device>[-quick]-<UTC time>.json`` in ``out_dir``) holds a header
+(machine, versions, git commit, configuration, backends, calibration, notes) and one row per
+measurement. It is rewritten atomically after each suite, with ``finished`` false until the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mesimp_gpu.bench.calibrate import add_hardware_fractions, calibrate
+from mesimp_gpu.bench.common import available_backends
+from mesimp_gpu.bench.config import BenchConfig, Suite
+from mesimp_gpu.bench.layer import run_layer_suite
+from mesimp_gpu.bench.report import draw_plots, render
+from mesimp_gpu.bench.timing import clock_for
+from mesimp_gpu.bench.topk import run_topk_suite
+from mesimp_gpu.bench.train import run_train_suite
+from mesimp_gpu.data.mnist import Mnist
+from mesimp_gpu.io import write_json
+from mesimp_gpu.train.common import jsonable, machine_info, resolve_device
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with ``count`` intra-op threads, restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def results_path(config: BenchConfig, created: datetime) -> Path:
+    """``out_dir/bench-<device>[-quick]-<YYYYmmdd-HHMMSS>.json`` (the device type, UTC time)."""
+    kind = torch.device(config.device).type + ("-quick" if config.quick else "")
+    return Path(config.out_dir) / f"bench-{kind}-{created:%Y%m%d-%H%M%S}.json"
+
+
+def notes_for(config: BenchConfig, device: torch.device) -> list[str]:
+    """What a reader must know to read the numbers right."""
+    notes = [f"inputs are fresh standard-normal tensors per shape; every provider is timed side by side with the "
+             f"others of its shape, {config.min_repeats}-{config.max_repeats} samples, median with p20/p80"]
+    if device.type == "cpu":
+        notes.append(f"layer shapes whose dense forward+backward exceeds {config.cpu_max_gflop:g} GFLOP are skipped "
+                     "on CPU (a single call would take seconds)")
+    if Suite.TRAIN in config.suites:
+        notes.append(f"train suite: first {config.train_limit} MNIST training images, {config.train_epochs} epoch(s) "
+                     "per method; full-epoch times are extrapolated and accuracies are those of this short run")
+    if config.quick:
+        notes.append("--quick preset: a reduced grid and few repeats; for a smoke test, not for reporting")
+    return notes
+
+
+def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnist | None = None,
+              log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run the suites of ``config``; returns the results file's path and its content.
+
+    ``data`` replaces the MNIST files for the train suite (tests); ``log`` receives progress lines
+    (default: stderr, so that stdout carries only the report).
+    """
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    device = resolve_device(config.device)
+    created = datetime.now(timezone.utc)
+    path = results_path(config, created)
+    with torch_threads(config.thread_count):
+        backends, skipped = available_backends(device)
+        for name, reason in skipped.items():
+            log(f"backend {name} skipped: {reason}")
+        header: dict[str, Any] = {
+            "created": created.isoformat(timespec="seconds"),
+            "command": command,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "load_average_start": [round(v, 2) for v in os.getloadavg()],
+            "machine": machine_info(device),
+            "config": jsonable(config),
+            "backends": list(backends),
+            "skipped_backends": skipped,
+            "notes": notes_for(config, device),
+        }
+        doc: dict[str, Any] = {"header": header, "rows": [], "finished": False}
+        clock = clock_for(device)
+        if device.type == "cuda":
+            log("calibrating the GPU")
+            header["calibration"] = calibrate(config, device, clock)
+        for suite in config.suites:
+            if suite is Suite.LAYER:
+                doc["rows"] += run_layer_suite(config, device, backends, clock, log)
+            elif suite is Suite.TOPK:
+                doc["rows"] += run_topk_suite(config, device, backends, clock, log)
+            else:
+                doc["rows"] += run_train_suite(config, device, log, data)
+            write_json(path, doc)
+        if "calibration" in header:
+            add_hardware_fractions(doc["rows"], header["calibration"])
+        header["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        doc["finished"] = True
+        write_json(path, doc)
+    draw_plots(doc, path)
+    return path, doc
+
+
+def main(config: BenchConfig, command: str) -> None:
+    """Run, then print the markdown report on stdout and where the files went on stderr."""
+    path, doc = run_bench(config, command)
+    print(render(doc))
+    print(f"results: {path}", file=sys.stderr)
