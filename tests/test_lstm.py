@@ -251,6 +251,23 @@ def test_full_k_equals_nn_lstm(seed: int, bidirectional: bool, selection: GateSe
         torch.testing.assert_close(d.bias.grad, getattr(torch_lstm, f"bias_ih_l0{suffix}").grad, **tol)
 
 
+@pytest.mark.parametrize("selection", list(GateSelection))
+def test_full_k_is_bitwise_dense_mode(seed: int, selection: GateSelection) -> None:
+    """k covering the row takes the dense path: bit-identical to mode dense (float32)."""
+    hidden = 5
+    k = hidden if selection is GateSelection.PER_GATE else GATES * hidden
+    x, lengths = make_inputs(3, 4, 3)
+    x = x.float()
+    grads = []
+    for mode in (MePropMode.DENSE, MePropMode.TOPK):
+        torch.manual_seed(seed)
+        lstm = MePropLSTM(3, hidden, MePropConfig(mode=mode, k=k, backend="torch"), selection=selection)
+        xi = x.clone().requires_grad_(True)
+        lstm(xi, lengths=lengths).sum().backward()
+        grads.append([xi.grad, *(p.grad for p in lstm.parameters())])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_sparse_gradient_differs_from_dense(seed: int) -> None:
     """Guards the tests above against a sparsification that silently does nothing."""
     x, lengths = make_inputs(2, 4, 3)
