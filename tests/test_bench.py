@@ -1,0 +1,225 @@
+"""The benchmark harness on a tiny configuration, its statistics helpers and its command line.
+
+No test looks at how fast anything is: timings on a shared CI machine mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mesimp_gpu.bench.calibrate import add_hardware_fractions
+from mesimp_gpu.bench.common import available_backends, check_fields, relative_error
+from mesimp_gpu.bench.config import QUICK, BenchConfig, Pass, Provider, Suite, make_config
+from mesimp_gpu.bench.report import load, markdown_table, plot_paths, render, report_file
+from mesimp_gpu.bench.runner import run_bench
+from mesimp_gpu.bench.timing import CpuClock, measure, rounds_for, speedup, summarize
+from mesimp_gpu.bench.topk import mismatch
+from mesimp_gpu.cli import app
+from mesimp_gpu.data.mnist import Mnist, Split
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def tiny_config(tmp_path, **changes) -> BenchConfig:
+    """Every suite on shapes that take milliseconds; one sample per provider."""
+    settings = dict(batches=(4,), widths=(32,), ks=(3,), k_fraction=1 / 8, warmup=1, min_repeats=2, max_repeats=2,
+                    budget_s=1e-3, min_sample_s=1e-5, train_limit=200, train_epochs=1, threads=1,
+                    out_dir=str(tmp_path))
+    return make_config(**{**settings, **changes})
+
+
+def fake_mnist(n: int = 300) -> Mnist:
+    """Random images and labels shaped like MNIST (the train suite needs no real data to run)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def split(size: int) -> Split:
+        return Split(torch.rand(size, 784, generator=gen), torch.randint(0, 10, (size,), generator=gen))
+
+    return Mnist(split(n), split(100), split(100))
+
+
+# --- statistics helpers -------------------------------------------------------------------------
+
+
+def test_summarize_median_and_percentiles():
+    stats = summarize([5.0, 1.0, 3.0, 2.0, 4.0], inner=7)
+    assert (stats.median, stats.p20, stats.p80) == (3.0, 1.8, 4.2)
+    assert (stats.repeats, stats.inner) == (5, 7)
+    assert summarize([2.5]).median == 2.5
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+def test_speedup_is_ratio_of_medians():
+    assert speedup(summarize([4.0, 4.0]), summarize([1.0, 1.0])) == 4.0
+
+
+def test_rounds_fit_budget_within_bounds():
+    assert rounds_for([0.1, 0.1], budget_s=1.0, min_repeats=2, max_repeats=50) == 5
+    assert rounds_for([10.0], budget_s=1.0, min_repeats=3, max_repeats=50) == 3
+    assert rounds_for([1e-6], budget_s=1.0, min_repeats=3, max_repeats=50) == 50
+    assert rounds_for([0.0], budget_s=1.0, min_repeats=3, max_repeats=9) == 9
+
+
+def test_measure_calls_every_provider_side_by_side():
+    calls = {"a": 0, "b": 0}
+
+    def make(name):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    plan = BenchConfig(warmup=2, min_repeats=4, max_repeats=4, budget_s=1.0, min_sample_s=1e-9)
+    stats = measure([make("a"), make("b")], CpuClock(), plan)
+    assert [s.repeats for s in stats] == [4, 4]
+    assert all(s.p20 <= s.median <= s.p80 for s in stats)
+    assert calls["a"] == calls["b"] >= 2 + 1 + 4  # warm-up, estimate, samples
+
+
+def test_relative_error_and_check():
+    expected = torch.tensor([[2.0, -4.0]])
+    assert relative_error(expected.clone(), expected) == 0.0
+    assert relative_error(torch.tensor([[2.0, -3.0]]), expected) == pytest.approx(0.25)
+    assert relative_error(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert check_fields(0.25, 1e-4) == {"max_error": 0.25, "check_passed": False}
+    assert check_fields(0.0, 0.0)["check_passed"]
+
+
+def test_mismatch_compares_index_sets():
+    expected = torch.tensor([[0, 2], [1, 3]])
+    assert mismatch(torch.tensor([[2, 0], [3, 1]]), expected) == 0.0
+    assert mismatch(torch.tensor([[2, 0], [3, 0]]), expected) == 0.5
+
+
+def test_layer_ks_and_presets():
+    config = BenchConfig(ks=(5, 20, 160), k_fraction=1 / 16)
+    assert config.layer_ks(500) == [5, 20, 31, 160]
+    assert config.layer_ks(64) == [4, 5, 20]  # k >= n is dense, left out
+    assert BenchConfig(ks=(5,), k_fraction=0).layer_ks(500) == [5]
+    quick = make_config(quick=True, batches=[7, 7, 3], threads=None)
+    assert quick.quick and quick.batches == (7, 3) and quick.widths == QUICK["widths"]
+    assert make_config().batches == (10, 100, 1024)
+    assert BenchConfig(threads=0).thread_count >= 1
+
+
+@pytest.mark.parametrize("changes", [dict(batches=(0,)), dict(ks=()), dict(threads=-1), dict(min_repeats=0),
+                                     dict(min_repeats=5, max_repeats=2), dict(k_fraction=1.0), dict(suites=())])
+def test_bad_config_is_rejected(changes):
+    with pytest.raises(ValueError):
+        BenchConfig(**changes)
+
+
+def test_cpu_backends_exclude_gpu_ones():
+    loaded, skipped = available_backends(torch.device("cpu"))
+    assert "torch" in loaded and "reference" not in loaded
+    assert "triton" in skipped and "cupy" in skipped  # Triton's interpreter is not a benchmark
+
+
+def test_hardware_fraction_from_calibration():
+    rows = [{"suite": Suite.LAYER.value, "status": "ok", "provider": Provider.DENSE.value, "batch": 100,
+             "width": 1000, "k": None, "pass": Pass.BACKWARD.value, "median_s": 1e-3},
+            {"suite": Suite.LAYER.value, "status": "ok", "provider": Provider.TOPK.value, "batch": 100,
+             "width": 1000, "k": 10, "pass": Pass.FORWARD_BACKWARD.value, "median_s": 1e-3},
+            {"suite": Suite.TOPK.value, "status": "ok", "median_s": 1e-3}]
+    add_hardware_fractions(rows, {"matmul_fp32_tflops": 0.4, "copy_gbs": 1000.0})
+    assert rows[0]["roofline_s"] == pytest.approx(4 * 100 * 1000 * 1000 / 0.4e12)  # compute bound
+    assert rows[0]["hw_fraction"] == pytest.approx(1.0)
+    forward_and_sparse_backward = 2 * 100 * 1000 * 1000 + 4 * 100 * 10 * 1000
+    assert rows[1]["roofline_s"] == pytest.approx(forward_and_sparse_backward / 0.4e12)
+    assert "hw_fraction" not in rows[2]
+
+
+# --- the harness end to end -----------------------------------------------------------------------
+
+
+def test_harness_runs_writes_and_redraws(tmp_path):
+    config = tiny_config(tmp_path)
+    lines: list[str] = []
+    path, doc = run_bench(config, command="mesimp-gpu bench (test)", data=fake_mnist(), log=lines.append)
+    assert path.parent == tmp_path and path.name.startswith("bench-cpu-") and path.suffix == ".json"
+    saved = load(path)
+    assert saved["finished"] and saved["header"]["machine"]["cpu_count"] >= 1
+    assert saved["header"]["threads"] == 1 and saved["header"]["command"] == "mesimp-gpu bench (test)"
+    assert {"torch"} <= set(saved["header"]["backends"])
+    rows = saved["rows"]
+    assert {r["suite"] for r in rows} == {s.value for s in Suite}
+
+    layer = [r for r in rows if r["suite"] == Suite.LAYER.value]
+    labels = {r["label"] for r in layer}
+    assert {"dense", "meprop-topk[torch]", "meprop-unified[torch]", "meprop-random[torch]", "prior-scatter",
+            "prior-sparse"} <= labels
+    assert {r["k"] for r in layer if r["k"]} == {3, 4}
+    assert {r["pass"] for r in layer} == {p.value for p in Pass}
+    for r in layer + [r for r in rows if r["suite"] == Suite.TOPK.value]:
+        assert r["status"] == "ok" and r["check_passed"], r
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["speedup"] > 0
+    assert all(r["speedup"] == 1.0 for r in layer if r["provider"] == Provider.DENSE.value)
+
+    topk = [r for r in rows if r["suite"] == Suite.TOPK.value]
+    assert {r["label"] for r in topk} >= {"torch.topk", "topk_indices[torch]"}
+    assert all(r["bandwidth_gbs"] > 0 for r in topk)
+
+    train = [r for r in rows if r["suite"] == Suite.TRAIN.value]
+    assert [r["method"] for r in train][:2] == ["dense", "meprop"]
+    assert all(set(r["phases_s"]) == {"forward", "backward", "update"} for r in train)
+    assert all(0 <= r["test_acc"] <= 100 and r["images"] == 200 for r in train)
+
+    plots = plot_paths(path, saved)
+    assert plots and all(p.is_file() for p in plots.values())
+    for p in plots.values():
+        p.unlink()
+    text = report_file(path)
+    assert all(p.is_file() for p in plots.values())
+    assert text == render(saved)
+    assert "### backward" in text and "| B | n | k |" in text and "torch.topk" in text and "meprop" in text
+    assert any(line.startswith("layer B=4 n=32") for line in lines)
+
+
+def test_memory_limit_and_cpu_flop_cap_skip_with_reasons(tmp_path):
+    config = tiny_config(tmp_path, suites=(Suite.LAYER,), batches=(4, 64), widths=(32,), ks=(3,), k_fraction=0,
+                         memory_limit_gib=1e-9, cpu_max_gflop=6 * 16 * 32 * 32 / 1e9)
+    _, doc = run_bench(config, log=lambda line: None)
+    rows = doc["rows"]
+    shape_skip = [r for r in rows if r["batch"] == 64]
+    assert len(shape_skip) == 1 and shape_skip[0]["status"] == "skipped" and "GFLOP" in shape_skip[0]["reason"]
+    gathered = [r for r in rows if r["label"] == "meprop-topk[torch]"]
+    assert gathered and all(r["status"] == "skipped" and "GiB" in r["reason"] for r in gathered)
+    unified = [r for r in rows if r["label"] == "meprop-unified[torch]"]
+    assert unified and all(r["status"] == "ok" for r in unified)  # no gather: within any limit
+    assert "skipped" in render(doc)
+
+
+def test_markdown_table():
+    assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message shown where CUDA is missing")
+def test_cli_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "--device", "cuda", "--quick", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "CUDA" in lines[0]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--report", "missing.json"], ["--threads", "-2"]])
+def test_cli_bad_arguments_exit_2(tmp_path, args):
+    result = CliRunner().invoke(app, ["bench", "--out-dir", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error:")
+
+
+def test_cli_report_redraws_saved_file(tmp_path):
+    path, _ = run_bench(tiny_config(tmp_path, suites=(Suite.TOPK,)), log=lambda line: None)
+    result = CliRunner().invoke(app, ["bench", "--report", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Top-k selection" in result.output
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps({"rows": []}))
+    result = CliRunner().invoke(app, ["bench", "--report", str(bad)])
+    assert result.exit_code == 2 and "not a mesimp-gpu bench results file" in result.output
