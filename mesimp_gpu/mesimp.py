@@ -24,7 +24,8 @@ pruning can go on below ``k``.
 Schedule (the reference's, in epochs): cycles of ``cycle`` epochs. In even cycles (epochs
 ``0 .. cycle-1``, ``2*cycle .. 3*cycle-1``, ...) a prune step follows every chunk of training; in odd
 cycles the sizes stay fixed. Adam's moments (``m`` and ``v``, not the step count) are reset at every
-cycle boundary. The prune step runs before that chunk's dev evaluation, so every score belongs to
+cycle boundary (after the last chunk of each cycle, also the final one, so that a run resumed with
+more epochs continues exactly as an uninterrupted run would). The prune step runs before that chunk's dev evaluation, so every score belongs to
 the network as it then exists. ``cycle = 0`` prunes after every chunk of every epoch.
 """
 
@@ -116,9 +117,9 @@ def prunes_in(epoch: int, cycle: int) -> bool:
     return cycle == 0 or (epoch // cycle) % 2 == 0
 
 
-def ends_cycle(epoch: int, cycle: int, epochs: int) -> bool:
-    """Whether ``epoch`` is the last of a cycle that another cycle follows (moments reset after it)."""
-    return cycle > 0 and (epoch + 1) % cycle == 0 and epoch + 1 < epochs
+def ends_cycle(epoch: int, cycle: int) -> bool:
+    """Whether ``epoch`` (0-based) is the last epoch of a cycle (moments reset after it); never if ``cycle`` is 0."""
+    return cycle > 0 and (epoch + 1) % cycle == 0
 
 
 class MesimpHook:
@@ -129,11 +130,11 @@ class MesimpHook:
     of a cycle, Adam's moments are reset. Every checkpoint is therefore taken with an empty record.
     """
 
-    def __init__(self, threshold: float, cycle: int, reset_moments: bool, epochs: int) -> None:
+    def __init__(self, threshold: float, cycle: int, reset_moments: bool) -> None:
         check_threshold(threshold)
         if cycle < 0:
             raise ValueError(f"cycle must be at least 0, got {cycle}")
-        self.threshold, self.cycle, self.reset_moments, self.epochs = threshold, cycle, reset_moments, epochs
+        self.threshold, self.cycle, self.reset_moments = threshold, cycle, reset_moments
 
     def on_chunk_end(self, trainer: MnistTrainer, epoch: int, chunk: int) -> dict[str, Any]:
         """Prune (or discard the record) and maybe reset moments; returns the fields for the history record."""
@@ -147,8 +148,7 @@ class MesimpHook:
         else:
             reset_records_(trainer.model.hidden)
         record["prune_seconds"] = time.perf_counter() - start
-        if (self.reset_moments and chunk == trainer.chunks_per_epoch - 1
-                and ends_cycle(epoch, self.cycle, self.epochs)):
+        if self.reset_moments and chunk == trainer.chunks_per_epoch - 1 and ends_cycle(epoch, self.cycle):
             reset_moments(trainer.optimizer)
             record["moments_reset"] = True
         return record

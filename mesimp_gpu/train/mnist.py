@@ -189,7 +189,7 @@ class MnistTrainer:
         )
         self.chunks_per_epoch = len(chunk_bounds(len(self.train_set), config.chunks))
         if config.method is Method.MESIMP:
-            hooks = (MesimpHook(config.prune, config.cycle, config.reset_moments, config.epochs), *hooks)
+            hooks = (MesimpHook(config.prune, config.cycle, config.reset_moments), *hooks)
         self.hooks = hooks
         seed_everything(config.seed)
         self.model = self.build_model(config.sizes)

@@ -1,0 +1,320 @@
+"""meSimp: hit records, the prune rule, real shrinking (outputs, optimizer state, save/load), the
+schedule on a tiny MNIST run, resume of a shrunk run, and the command line."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from mesimp_gpu.backends import BackendUnavailable, get_backend
+from mesimp_gpu.cli import app
+from mesimp_gpu.data.mnist import load_mnist
+from mesimp_gpu.mesimp import ends_cycle, prune_mask, prune_step_, prunes_in, shrink_outputs_
+from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
+from mesimp_gpu.models.mlp import MLP, load_mlp, save_mlp
+from mesimp_gpu.optim import OptimizerName, build_optimizer
+from mesimp_gpu.train.mnist import Method, MnistConfig, Preset, mnist_config, train_mnist
+
+runner = CliRunner()
+
+
+def available_backends() -> list[str]:
+    names = []
+    for name in ("reference", "torch", "cpu"):
+        try:
+            get_backend(name)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+# -- hit records and the prune rule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("nonzero, expected", [(False, [2, 2, 1, 0, 1]), (True, [1, 2, 0, 0, 1])])
+def test_hits_count_every_selected_index_or_only_nonzero(backend: str, nonzero: bool, expected: list[int]) -> None:
+    layer = MePropLinear(4, 5, MePropConfig(MePropMode.TOPK, 3, backend, nonzero_hits=nonzero), track_hits=True)
+    # row 0: two non-zero entries, the third slot goes to the lowest zero column (0);
+    # row 1: a tie |-3| = |3| and then the lowest zero column (2)
+    g = torch.tensor([[0.0, 2.0, 0.0, 0.0, 1.0], [-3.0, 3.0, 0.0, 0.0, 0.0]])
+    layer(torch.randn(2, 4)).backward(g)
+    assert layer.hits.tolist() == expected and layer.refer == 2
+
+
+def test_hits_when_k_covers_the_layer() -> None:
+    layer = MePropLinear(4, 3, MePropConfig(MePropMode.TOPK, 5, "torch"), track_hits=True)
+    layer(torch.randn(6, 4)).backward(torch.tensor([[1.0, 0.0, 2.0]]).repeat(6, 1))
+    assert layer.hits.tolist() == [6, 6, 6], "k >= width: every neuron is in every example's set"
+    with torch.no_grad():
+        layer(torch.randn(6, 4))
+    layer.eval()
+    layer(torch.randn(6, 4)).sum().backward()
+    assert layer.refer == 6, "evaluation and no-grad passes do not count"
+
+
+def test_prune_rule_on_hand_made_hits() -> None:
+    hits = torch.tensor([0, 9, 10, 11, 3, 100])
+    assert prune_mask(hits, refer=100, threshold=0.1).tolist() == [False, False, True, True, False, True]
+    assert prune_mask(hits, refer=99, threshold=0.1).tolist() == [False, True, True, True, False, True], "floor(9.9) = 9"
+    assert prune_mask(hits, refer=0, threshold=0.1).all(), "an empty record removes nothing"
+    assert prune_mask(hits, refer=100, threshold=0.0).all()
+    assert prune_mask(torch.tensor([1, 4, 2]), refer=100, threshold=0.5).tolist() == [False, True, False], \
+        "the most-hit neuron survives even when all fall below the bar"
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            prune_mask(hits, 100, bad)
+
+
+def test_schedule_rule() -> None:
+    assert [prunes_in(e, 5) for e in range(20)] == [True] * 5 + [False] * 5 + [True] * 5 + [False] * 5
+    assert [e for e in range(20) if ends_cycle(e, 5)] == [4, 9, 14, 19]
+    assert all(prunes_in(e, 0) for e in range(7)) and not any(ends_cycle(e, 0) for e in range(7))
+
+
+# -- real shrinking ----------------------------------------------------------------------------------
+
+
+def tiny_mlp(sizes=(7, 12, 9, 4), mode=MePropMode.TOPK, k=5) -> MLP:
+    return MLP(list(sizes), MePropConfig(mode, k, "torch"), track_hits=True).double()
+
+
+def masked_forward(model: MLP, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """The reference's masked network: pruned neurons output zero, nothing is deleted."""
+    for layer, mask in zip(model.hidden, masks):
+        x = nn.functional.relu(layer(x)) * mask
+    return model.layers[-1](x)
+
+
+def random_keeps(model: MLP, generator: torch.Generator) -> list[torch.Tensor]:
+    keeps = []
+    for layer in model.hidden:
+        keep = torch.rand(layer.out_features, generator=generator) < 0.6
+        keep[0] = True
+        keeps.append(keep)
+    return keeps
+
+
+def set_hits(model: MLP, keeps: list[torch.Tensor], refer: int = 50, threshold: float = 0.2) -> None:
+    """A record that makes ``prune_step_(model, threshold)`` keep exactly ``keeps``."""
+    bar = int(refer * threshold)
+    for layer, keep in zip(model.hidden, keeps):
+        layer.hits.copy_(torch.where(keep, torch.full_like(layer.hits, bar), torch.full_like(layer.hits, bar - 1)))
+        layer.refer = refer
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_pruned_network_equals_masked_network(seed: int, depth: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model = tiny_mlp((7, *[12] * depth, 4))
+    masked = copy.deepcopy(model)
+    keeps = random_keeps(model, gen)
+    set_hits(model, keeps)
+    before = sum(p.numel() for p in model.parameters())
+    sizes = prune_step_(model, 0.2)
+    assert sizes == [int(k.sum()) for k in keeps] and model.sizes == [7, *sizes, 4]
+    assert sum(p.numel() for p in model.parameters()) < before
+    assert all(int(layer.hits.sum()) == 0 and layer.refer == 0 for layer in model.hidden), "records reset"
+    x = torch.randn(16, 7, generator=gen, dtype=torch.float64)
+    masks = [k.double() for k in keeps]
+    torch.testing.assert_close(model(x), masked_forward(masked, x, masks), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", [OptimizerName.ADAM, OptimizerName.ADAGRAD])
+def test_optimizer_step_after_slicing_equals_unsliced_step(seed: int, name: OptimizerName) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    sliced = tiny_mlp()
+    full = copy.deepcopy(sliced)
+    lr = 1e-2 if name is OptimizerName.ADAM else 0.1
+    opt_sliced = build_optimizer(name, sliced.parameters(), lr)
+    opt_full = build_optimizer(name, full.parameters(), lr)
+    keeps = random_keeps(sliced, gen)
+    masks = [torch.ones(k.shape, dtype=torch.float64) for k in keeps]
+
+    def step(model: MLP, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, masks) -> None:
+        opt.zero_grad()
+        out = model(x) if masks is None else masked_forward(model, x, masks)
+        nn.functional.cross_entropy(out, y, reduction="sum").backward()
+        opt.step()
+
+    for _ in range(3):  # build up optimizer state on both, identically
+        x, y = torch.randn(8, 7, generator=gen, dtype=torch.float64), torch.randint(0, 4, (8,), generator=gen)
+        step(sliced, opt_sliced, x, y, None)
+        step(full, opt_full, x, y, masks)
+    set_hits(sliced, keeps)
+    prune_step_(sliced, 0.2, opt_sliced)
+    params = list(sliced.parameters())
+    assert [p for g in opt_sliced.param_groups for p in g["params"]] == params, "optimizer holds the new Parameters"
+    assert set(opt_sliced.state) == set(params)
+    for _ in range(2):  # steps after slicing: the full model masks the pruned neurons
+        x, y = torch.randn(8, 7, generator=gen, dtype=torch.float64), torch.randint(0, 4, (8,), generator=gen)
+        step(sliced, opt_sliced, x, y, None)
+        step(full, opt_full, x, y, [k.double() for k in keeps])
+    # surviving entries: rows of a hidden layer's outputs, columns of the next layer's inputs
+    rows = [*keeps, torch.ones(4, dtype=torch.bool)]
+    cols = [torch.ones(7, dtype=torch.bool), *keeps]
+    for i, (a, b) in enumerate(zip(sliced.layers, full.layers)):
+        torch.testing.assert_close(a.weight, b.weight[rows[i]][:, cols[i]], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(a.bias, b.bias[rows[i]], atol=1e-12, rtol=1e-10)
+        for key, value in opt_sliced.state[a.weight].items():
+            reference = opt_full.state[b.weight][key]
+            expected = reference if value.dim() == 0 else reference[rows[i]][:, cols[i]]
+            torch.testing.assert_close(value, expected, atol=1e-12, rtol=1e-10)
+
+
+def test_shrink_rejects_bad_masks() -> None:
+    model = tiny_mlp()
+    with pytest.raises(ValueError, match="keep mask"):
+        shrink_outputs_(model.layers[0], model.layers[1], torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="next layer"):
+        shrink_outputs_(model.layers[0], model.layers[2], torch.ones(12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="track_hits"):
+        prune_step_(MLP([3, 4, 2], MePropConfig()), 0.1)
+
+
+def test_save_load_round_trip_of_a_shrunk_model(tmp_path: Path, seed: int) -> None:
+    model = tiny_mlp((7, 12, 9, 4))
+    keeps = random_keeps(model, torch.Generator().manual_seed(seed))
+    set_hits(model, keeps)
+    prune_step_(model, 0.2)
+    path = save_mlp(model.float(), tmp_path)
+    arch = json.loads(path.read_text())
+    assert arch["sizes"] == model.sizes and arch["parameters"] == sum(p.numel() for p in model.parameters())
+    loaded = load_mlp(tmp_path)
+    assert loaded.sizes == model.sizes and loaded.layers[0].config == model.layers[0].config
+    x = torch.randn(5, 7)
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    (tmp_path / "model.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an MLP architecture"):
+        load_mlp(tmp_path)
+
+
+# -- training schedule and resume on a tiny MNIST subset --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir: Path):
+    return load_mnist(mnist_dir, download=False)
+
+
+def tiny(out: Path, **overrides) -> MnistConfig:
+    settings = dict(method=Method.MESIMP, k=6, hidden=24, epochs=4, limit=300, chunks=2, batch_size=30, cycle=1,
+                    prune=0.2, progress=False, out=str(out), backend="torch")
+    settings.update(overrides)
+    return MnistConfig(**settings)
+
+
+class MomentProbe:
+    """A chunk hook that runs after meSimp's and records how large Adam's first moments are."""
+
+    def on_chunk_end(self, trainer, epoch: int, chunk: int) -> dict:
+        moments = [s["exp_avg"].abs().sum().item() for s in trainer.optimizer.state.values()]
+        steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
+        return {"moment_mass": sum(moments), "adam_steps": sorted(steps)}
+
+
+def test_schedule_prunes_in_even_cycles_and_resets_moments(tmp_path: Path, mnist) -> None:
+    results = train_mnist(tiny(tmp_path), data=mnist, hooks=(MomentProbe(),))
+    history = results["history"]
+    assert [(h["epoch"], h["chunk"]) for h in history] == [(e, c) for e in range(4) for c in range(2)]
+    assert [h["pruned"] for h in history] == [True, True, False, False, True, True, False, False]
+    assert [h["moments_reset"] for h in history] == [False, True] * 4
+    for h in history:
+        assert (h["moment_mass"] == 0) == h["moments_reset"], "m is zeroed exactly at cycle ends"
+        assert h["adam_steps"] == [h["step"]], "the step counter is never reset"
+    sizes = [h["sizes"] for h in history]
+    assert sizes[0][1:-1] != [24, 24], "the first prune step, before the first evaluation, removed neurons"
+    assert sizes[2] == sizes[3] == sizes[1], "odd cycles keep the sizes fixed"
+    final = results["final"]
+    assert final["sizes"] == sizes[-1] and final["parameters_final"] < final["parameters_initial"]
+    assert final["kept_mean"] == sum(final["kept"]) / 2
+    assert (tmp_path / "hidden_sizes.png").stat().st_size > 0 and (tmp_path / "dev_accuracy.png").stat().st_size > 0
+    assert load_mlp(tmp_path).sizes == final["sizes"]
+
+
+def test_schedule_without_moment_resets(tmp_path: Path, mnist) -> None:
+    results = train_mnist(tiny(tmp_path, epochs=2, reset_moments=False, cycle=0), data=mnist, hooks=(MomentProbe(),))
+    assert all(h["pruned"] and not h["moments_reset"] and h["moment_mass"] > 0 for h in results["history"])
+
+
+def test_resume_of_a_shrunk_run_continues_exactly(tmp_path: Path, mnist) -> None:
+    full = train_mnist(tiny(tmp_path / "full", epochs=3), data=mnist)
+    train_mnist(tiny(tmp_path / "cut", epochs=1), data=mnist)
+    checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["sizes"][1:-1] != [24, 24], "the checkpoint holds the shrunk network"
+    resumed = train_mnist(tiny(tmp_path / "cut", epochs=3), resume=True, data=mnist)
+    strip = lambda r: [{k: v for k, v in h.items() if k != "prune_seconds"} for h in r["history"]]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert resumed["final"]["test_acc_at_best_dev"] == full["final"]["test_acc_at_best_dev"]
+    assert resumed["final"]["sizes"] == full["final"]["sizes"]
+
+
+def test_same_size_baseline(tmp_path: Path, mnist) -> None:
+    results = train_mnist(tiny(tmp_path, epochs=2, compare_same_size=True), data=mnist)
+    base = results["same_size"]
+    assert base["sizes"] == results["final"]["sizes"]
+    assert base["parameters_initial"] == base["parameters_final"] == results["final"]["parameters_final"]
+    saved = json.loads((tmp_path / "same-size" / "results.json").read_text())
+    assert saved["config"]["method"] == "dense" and saved["config"]["epochs"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["same_size"]["sizes"] == base["sizes"]
+
+
+def test_paper_preset_is_the_reference() -> None:
+    c = mnist_config(Preset.PAPER)
+    assert (c.method, c.k, c.prune, c.batch_size, c.epochs, c.chunks, c.cycle, c.reset_moments) == \
+        (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, True)
+    assert (c.sizes, c.optimizer, c.lr, c.clip, c.grad_sum, c.nonzero_hits) == \
+        ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, False)
+    assert mnist_config(Preset.PAPER, epochs=3).epochs == 3
+    with pytest.raises(ValueError, match="unknown MNIST settings: bogus"):
+        mnist_config(Preset.PAPER, bogus=1)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def test_cli_run_with_preset_overrides_then_evaluate(tmp_path: Path, mnist_dir: Path) -> None:
+    args = ["train", "mnist", "--preset", "paper", "--k", "6", "--hidden", "24", "--epochs", "2", "--cycle", "1",
+            "--chunks", "2", "--limit", "300", "--batch-size", "30", "--data-dir", str(mnist_dir), "--out",
+            str(tmp_path), "--no-progress", "--backend", "torch"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "hidden sizes" in result.output, "each prune step prints the sizes"
+    assert "mean kept" in result.output and "params before" in result.output, "the summary table"
+    config = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert (config["k"], config["epochs"], config["cycle"]) == (6, 2, 1), "explicit options win"
+    assert (config["prune"], config["method"], config["lr"]) == (0.1, "mesimp", 1e-3), "the rest is the preset"
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "model.json"), "--data-dir", str(mnist_dir)])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "on 10000 images" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prune", "1.0"], "--prune must be in [0, 1)"),
+        (["--prune", "-0.5"], "--prune must be in [0, 1)"),
+        (["--cycle", "-1"], "--cycle must be at least 0"),
+        (["--hidden-sizes", "300,x"], "--hidden-sizes must be comma-separated integers"),
+        (["--hidden-sizes", "300,0"], "--hidden-sizes must be positive"),
+        (["--method", "dense", "--compare-same-size"], "--compare-same-size needs --method mesimp"),
+        (["--preset", "paper", "--prune", "2"], "--prune must be in [0, 1)"),
+    ],
+)
+def test_cli_bad_values_get_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["train", "mnist", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cli_evaluate_errors(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no model at" in result.output
+    (tmp_path / "model.json").write_text("not json")
+    result = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert result.exit_code == 2 and "not valid JSON" in result.output
