@@ -38,9 +38,14 @@ def draw_dev_accuracy(ax: plt.Axes, runs: dict[str, Sequence[dict[str, Any]]], t
     ax.grid(alpha=0.3)
 
 
-def draw_hidden_sizes(ax: plt.Axes, history: Sequence[dict[str, Any]], title: str = "hidden sizes") -> None:
-    """Neurons kept per hidden layer against update step (a step line: sizes change only at prune steps)."""
+def draw_hidden_sizes(
+    ax: plt.Axes, history: Sequence[dict[str, Any]], title: str = "hidden sizes", initial: Sequence[int] | None = None
+) -> None:
+    """Neurons kept per hidden layer against update step (a step line: sizes change only at prune steps);
+    ``initial`` (hidden widths before training) is drawn at step 0."""
     steps, sizes = [r["step"] for r in history], hidden_sizes(history)
+    if initial is not None:
+        steps, sizes = [0, *steps], [list(initial), *sizes]
     for layer in range(len(sizes[0])):
         ax.plot(steps, [s[layer] for s in sizes], drawstyle="steps-post", label=f"hidden layer {layer + 1}")
     ax.set(xlabel="update step", ylabel="neurons kept", title=title)
@@ -62,15 +67,20 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str
 
 
 def plot_simplification(
-    runs: dict[str, Sequence[dict[str, Any]]], sizes_path: str | Path, accuracy_path: str | Path, title: str
+    runs: dict[str, Sequence[dict[str, Any]]],
+    sizes_path: str | Path,
+    accuracy_path: str | Path,
+    title: str,
+    initial: Sequence[int] | None = None,
 ) -> None:
-    """Two PNGs for a meSimp run: hidden sizes of the first history in ``runs`` over training, and
-    the dev accuracy of every labelled history in ``runs`` (e.g. meSimp and a same-size baseline)."""
+    """Two PNGs for a meSimp run: hidden sizes of the first history in ``runs`` over training (from
+    ``initial`` at step 0), and the dev accuracy of every labelled history in ``runs`` (e.g. meSimp
+    and a same-size baseline)."""
     first = next(iter(runs.values()), [])
     if not first:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    draw_hidden_sizes(ax, first, f"{title}: hidden sizes")
+    draw_hidden_sizes(ax, first, f"{title}: hidden sizes", initial)
     save_figure(fig, sizes_path)
     fig, ax = plt.subplots(figsize=(6, 4))
     draw_dev_accuracy(ax, runs, f"{title}: dev accuracy")

@@ -386,7 +386,8 @@ def train_mnist(config: MnistConfig, resume: bool = False, data: Mnist | None = 
         runs["dense, same size from scratch"] = base.history
         write_json(trainer.out / "results.json", results)
     if config.method is Method.MESIMP:
-        plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png", "MNIST, meSimp")
+        plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png", "MNIST, meSimp",
+                            initial=config.sizes[1:-1])
     return results
 
 
