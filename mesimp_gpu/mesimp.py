@@ -23,10 +23,18 @@ pruning can go on below ``k``.
 
 Schedule (the reference's, in epochs): cycles of ``cycle`` epochs. In even cycles (epochs
 ``0 .. cycle-1``, ``2*cycle .. 3*cycle-1``, ...) a prune step follows every chunk of training; in odd
-cycles the sizes stay fixed. Adam's moments (``m`` and ``v``, not the step count) are reset at every
-cycle boundary (after the last chunk of each cycle, also the final one, so that a run resumed with
-more epochs continues exactly as an uninterrupted run would). The prune step runs before that chunk's dev evaluation, so every score belongs to
-the network as it then exists. ``cycle = 0`` prunes after every chunk of every epoch.
+cycles the sizes stay fixed while the record keeps counting, so the first prune step of the next
+even cycle judges the whole odd cycle plus one chunk (as the reference's record does). Adam's
+moments (``m`` and ``v``, not the step count) are reset at every cycle boundary: after the last chunk
+of each cycle, the final one included, so that a run resumed with more epochs continues exactly as
+an uninterrupted one. ``cycle = 0`` prunes after every chunk of every epoch.
+
+Two deliberate differences from the reference's C# loop (``Mnist.cs``): it scores dev (and test) and
+*then* prunes, so its reported score can belong to a network that is pruned right after; here the
+prune step runs before the chunk's evaluation, so every score belongs to the network as it then
+exists. And it re-initialises Adam after *every* chunk of the last epoch of a cycle (its test is
+per epoch, inside the chunk loop); here the moments are reset once, at the boundary, as the paper
+describes.
 """
 
 from __future__ import annotations
@@ -125,9 +133,9 @@ def ends_cycle(epoch: int, cycle: int) -> bool:
 class MesimpHook:
     """The meSimp schedule as a :class:`~mesimp_gpu.train.mnist.ChunkHook` of the MNIST trainer.
 
-    After each chunk (before its dev evaluation): a prune step in pruning epochs, otherwise the
-    record is discarded, so each prune step sees exactly one chunk of training; after the last chunk
-    of a cycle, Adam's moments are reset. Every checkpoint is therefore taken with an empty record.
+    After each chunk (before its dev evaluation): a prune step in pruning epochs; after the last
+    chunk of a cycle, a reset of Adam's moments. The record (``hits`` buffers in the model's state,
+    ``refer`` beside it) travels in checkpoints, so a resumed run prunes exactly as an uninterrupted one.
     """
 
     def __init__(self, threshold: float, cycle: int, reset_moments: bool) -> None:
@@ -145,8 +153,6 @@ class MesimpHook:
             sizes = prune_step_(trainer.model, self.threshold, trainer.optimizer)
             tqdm.write(f"epoch {epoch + 1} chunk {chunk + 1}: hidden sizes {'-'.join(map(str, sizes))} "
                        f"(removed {sum(before) - sum(sizes)}, {trainer.parameter_count():,} parameters)")
-        else:
-            reset_records_(trainer.model.hidden)
         record["prune_seconds"] = time.perf_counter() - start
         if self.reset_moments and chunk == trainer.chunks_per_epoch - 1 and ends_cycle(epoch, self.cycle):
             reset_moments(trainer.optimizer)
