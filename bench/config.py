@@ -62,7 +62,7 @@ class BenchConfig:
     k_fraction: float = 1 / 16  # also k = round(n * k_fraction) per width; 0 disables
     cpu_max_gflop: float = 100.0  # on CPU, skip layer shapes whose dense forward+backward exceeds this
     memory_limit_gib: float = 4.0  # skip a provider whose temporaries would exceed this (e.g. W[idx] gathers)
-    warmup: int = 2  # untimed calls per provider before timing
+    warmup: int = 1  # untimed calls per provider before timing (one more call then estimates its cost)
     min_repeats: int = 5  # timed samples per provider, at least
     max_repeats: int = 50  # timed samples per provider, at most
     budget_s: float = 4.0  # target timed seconds per configuration (all providers, one pass)

@@ -27,7 +27,7 @@ HAS_CUDA = torch.cuda.is_available()
 def tiny_config(tmp_path, **changes) -> BenchConfig:
     """Every suite on shapes that take milliseconds; one sample per provider."""
     settings = dict(batches=(4,), widths=(32,), ks=(3,), k_fraction=1 / 8, warmup=1, min_repeats=2, max_repeats=2,
-                    budget_s=1e-3, min_sample_s=1e-5, train_limit=200, train_epochs=2, threads=1,
+                    budget_s=1e-3, min_sample_s=1e-5, train_limit=100, train_epochs=2, threads=1,
                     out_dir=str(tmp_path))
     return make_config(**{**settings, **changes})
 
@@ -164,7 +164,7 @@ def test_harness_runs_writes_and_redraws(tmp_path):
     train = [r for r in rows if r["suite"] == Suite.TRAIN.value]
     assert [r["method"] for r in train][:2] == ["dense", "meprop"]
     assert all(set(r["phases_s"]) == {"forward", "backward", "update"} for r in train)
-    assert all(0 <= r["test_acc"] <= 100 and r["images"] == 200 for r in train)
+    assert all(0 <= r["test_acc"] <= 100 and r["images"] == 100 for r in train)
     assert all(r["repeats"] == 2 for r in train)  # methods take turns by epoch, continued from checkpoints
 
     plots = plot_paths(path, saved)
