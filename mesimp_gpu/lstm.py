@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +56,8 @@ from torch import Tensor, nn
 from mesimp_gpu.backends import Backend, get_backend
 from mesimp_gpu.backends.base import check_finite
 from mesimp_gpu.meprop import MePropConfig, MePropMode, kept_bias_grad, random_indices
+from mesimp_gpu.mesimp import check_threshold, prune_mask
+from mesimp_gpu.optim import slice_parameter
 
 GATES = 4  # i, f, g, o
 
@@ -244,31 +245,6 @@ class MePropLSTMFunction(torch.autograd.Function):
         return dx.view_as(x), None, d_weight_ih, d_weight_hh, d_bias, None, None, None, None, None, None
 
 
-OptimizerState = dict[str, object]
-
-
-def slice_parameter_(
-    param: nn.Parameter, optimizer: torch.optim.Optimizer | None, take: Callable[[Tensor], Tensor]
-) -> None:
-    """Replace ``param``'s data by ``take(param)`` and apply ``take`` to its optimizer state, in place.
-
-    Every state tensor with the parameter's shape (Adam ``exp_avg``/``exp_avg_sq``, AdaGrad ``sum``,
-    momentum buffers) is sliced the same way; scalars such as Adam's ``step`` stay. The parameter
-    object is kept, so the optimizer's ``param_groups`` remain valid.
-    """
-    old_shape = param.shape
-    with torch.no_grad():
-        param.data = take(param.data).contiguous()
-    if param.grad is not None:
-        param.grad = None
-    if optimizer is None or param not in optimizer.state:
-        return
-    state: OptimizerState = optimizer.state[param]
-    for key, value in state.items():
-        if isinstance(value, Tensor) and value.shape == old_shape:
-            state[key] = take(value).contiguous()
-
-
 class MePropLSTMDirection(nn.Module):
     """The parameters and meSimp record of one LSTM direction.
 
@@ -298,9 +274,9 @@ class MePropLSTMDirection(nn.Module):
     def prune_units_(self, keep: Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         """Delete the units where ``keep`` (``[H]`` bool) is False from all four gates, ``W_h``'s columns, the state."""
         gate_rows = keep.repeat(GATES)  # (4H,): the unit's row in each gate block
-        slice_parameter_(self.weight_ih, optimizer, lambda w: w[gate_rows])
-        slice_parameter_(self.weight_hh, optimizer, lambda w: w[gate_rows][:, keep])
-        slice_parameter_(self.bias, optimizer, lambda b: b[gate_rows])
+        slice_parameter(self, "weight_ih", lambda w: w[gate_rows], optimizer)
+        slice_parameter(self, "weight_hh", lambda w: w[gate_rows][:, keep], optimizer)
+        slice_parameter(self, "bias", lambda b: b[gate_rows], optimizer)
         if self.hits is not None:
             self.hits = self.hits[keep].clone()
         self.hidden_size = int(keep.sum())
@@ -395,7 +371,7 @@ class MePropLSTM(nn.Module):
         columns = torch.cat([k.to(next_layer.weight.device) for k in keeps])  # (H_total,)
         for keep, d in zip(keeps, self.directions):
             d.prune_units_(keep, optimizer)
-        slice_parameter_(next_layer.weight, optimizer, lambda w: w[:, columns])
+        slice_parameter(next_layer, "weight", lambda w: w[:, columns], optimizer)
         next_layer.in_features = int(columns.sum())
 
     def mesimp_prune_(
@@ -403,17 +379,13 @@ class MePropLSTM(nn.Module):
     ) -> list[int]:
         """meSimp step: drop units with ``hits < floor(refer * threshold)``, reset the record, return kept sizes.
 
-        A direction that saw no tokens since the last step keeps all its units.
+        The rule is the MLP's (:func:`~mesimp_gpu.mesimp.prune_mask`): the most-hit unit of a direction
+        always stays, and a direction that saw no tokens since the last step keeps all its units.
         """
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"prune threshold must be in [0, 1), got {threshold}")
+        check_threshold(threshold)
         if any(d.hits is None for d in self.directions):
             raise ValueError("meSimp needs hit records: build the LSTM with track_hits=True")
-        keeps = [d.hits >= math.floor(d.refer * threshold) for d in self.directions]
-        # never delete a whole direction: keep at least its most-hit unit
-        for keep, d in zip(keeps, self.directions):
-            if not bool(keep.any()):
-                keep[int(d.hits.argmax())] = True
+        keeps = [prune_mask(d.hits, d.refer, threshold) for d in self.directions]
         self.prune_units_(keeps, next_layer, optimizer)
         for d in self.directions:
             d.hits.zero_()

@@ -82,8 +82,8 @@ def test_mesimp_shrinks_and_resume_matches(treebank: Path, tmp_path: Path) -> No
     full = train_pos(small_config(treebank, tmp_path / "full", **changes))
     sizes = [r["sizes"][1] for r in full["history"]]
     assert sizes[-1] < 8 and sizes == sorted(sizes, reverse=True)
-    assert all("pruned_to" in r for r in full["history"] if r["epoch"] != 1)  # odd cycle: no pruning
-    assert all("pruned_to" not in r for r in full["history"] if r["epoch"] == 1)
+    assert [r["pruned"] for r in full["history"]] == [True, True, False, False, True, True]  # odd cycle: fixed
+    assert [r["moments_reset"] for r in full["history"]] == [False, True] * 3  # after each cycle's last piece
 
     train_pos(small_config(treebank, tmp_path / "part", **{**changes, "epochs": 1}))
     resumed = train_pos(small_config(treebank, tmp_path / "part", **changes), resume=True)

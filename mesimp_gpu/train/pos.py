@@ -9,11 +9,12 @@ After each piece the dev set is scored, and the test set when dev improved; the 
 is the one at the best dev accuracy. Checkpoint and results are rewritten after every piece, so
 ``resume`` continues from the last finished piece.
 
-meSimp schedule (the reference's, in epochs): training runs in cycles of ``cycle`` epochs. In even
-cycles (epochs ``0 .. cycle-1``, ``2*cycle .. 3*cycle-1``, ...) a prune step follows every piece; in
-odd cycles the kept units stay fixed and training continues with top-k back propagation. Adam's moments
-are reset at every cycle boundary, as the reference does. With the default ``cycle = 5`` a short run
-(a few epochs) prunes after every piece.
+meSimp schedule: the MLP's (:mod:`mesimp_gpu.mesimp`: :func:`~mesimp_gpu.mesimp.prunes_in`,
+:func:`~mesimp_gpu.mesimp.ends_cycle`). Cycles of ``cycle`` epochs; in even cycles a prune step
+(:meth:`~mesimp_gpu.lstm.MePropLSTM.mesimp_prune_`) follows every piece, before its evaluation; in odd
+cycles the kept units stay fixed while the hit record keeps counting. Adam's moments are reset after
+the last piece of every cycle. ``cycle = 0`` prunes after every piece of every epoch. With the default
+``cycle = 5`` a short run (up to 5 epochs) prunes after every piece.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from mesimp_gpu.data.conllu import (
 from mesimp_gpu.io import write_json
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.meprop import MePropConfig, MePropMode
+from mesimp_gpu.mesimp import check_threshold, ends_cycle, prunes_in
 from mesimp_gpu.models.tagger import Tagger
 from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise, reset_moments
 from mesimp_gpu.plots import plot_history
@@ -105,7 +107,7 @@ class PosConfig:
     tagset: TagSet = TagSet.XPOS  # xpos (Penn Treebank in EWT) or upos
     chunks: int = 4  # dev evaluations per epoch
     prune_threshold: float = 0.1  # meSimp: drop units with hits < floor(refer * threshold)
-    cycle: int = 5  # meSimp: epochs per cycle; prune in even cycles, fixed in odd ones
+    cycle: int = 5  # meSimp: epochs per cycle; prune in even cycles, fixed in odd ones; 0: always prune
     seed: int = 1  # seeds initialisation, shuffling, word dropout and random selection
     device: str = "cpu"  # cpu, cuda or cuda:N
     backend: str = "auto"  # meProp backend, see mesimp_gpu.backends
@@ -120,11 +122,12 @@ class PosConfig:
 
     def __post_init__(self) -> None:
         positive = {"k": self.k, "hidden": self.hidden, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "word_dim": self.word_dim, "feature_dim": self.feature_dim, "chunks": self.chunks,
-                    "cycle": self.cycle}
+                    "word_dim": self.word_dim, "feature_dim": self.feature_dim, "chunks": self.chunks}
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.cycle < 0:
+            raise ValueError(f"--cycle must be at least 0, got {self.cycle}")
         for name, value in (("limit", self.limit), ("threads", self.threads)):
             if value is not None and value < 1:
                 raise ValueError(f"--{name} must be at least 1, got {value}")
@@ -134,8 +137,7 @@ class PosConfig:
             raise ValueError(f"--clip must be positive, got {self.clip}")
         if self.word_dropout < 0:
             raise ValueError(f"--word-dropout must be >= 0, got {self.word_dropout}")
-        if not 0.0 <= self.prune_threshold < 1.0:
-            raise ValueError(f"--prune-threshold must be in [0, 1), got {self.prune_threshold}")
+        check_threshold(self.prune_threshold)
         if self.data_dir is None and None in (self.train_file, self.dev_file, self.test_file):
             raise ValueError("no data: pass --data-dir (a folder with *train/*dev/*test.conllu[.gz]) "
                              "or all of --train-file, --dev-file and --test-file")
@@ -240,9 +242,17 @@ class PosTrainer:
     def checkpoint_path(self) -> Path:
         return self.out / "checkpoint.pt"
 
-    def prunes(self, epoch: int) -> bool:
-        """meSimp prunes after every piece of epochs in even cycles."""
-        return self.config.method is Method.MESIMP and (epoch // self.config.cycle) % 2 == 0
+    def mesimp_step(self, epoch: int, last_chunk: bool) -> dict[str, Any]:
+        """After a piece (meSimp only): prune in pruning epochs, reset Adam's moments at a cycle's end."""
+        c = self.config
+        if c.method is not Method.MESIMP:
+            return {}
+        record = {"pruned": prunes_in(epoch, c.cycle), "moments_reset": last_chunk and ends_cycle(epoch, c.cycle)}
+        if record["pruned"]:
+            self.model.mesimp_prune_(c.prune_threshold, self.optimizer)
+        if record["moments_reset"]:
+            reset_moments(self.optimizer)
+        return record
 
     def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
         """Per piece, the batches (sentence indices) of ``epoch``; depends only on the seed and the epoch."""
@@ -309,16 +319,12 @@ class PosTrainer:
         for epoch in range(start_epoch, c.epochs):
             pieces = self.epoch_batches(epoch)
             first = start_chunk if epoch == start_epoch else 0
-            if c.method is Method.MESIMP and epoch > 0 and epoch % c.cycle == 0 and first == 0:
-                reset_moments(self.optimizer)
             bar = tqdm(total=sum(map(len, pieces)), desc=f"epoch {epoch + 1}/{c.epochs}", disable=not c.progress,
                        leave=False, dynamic_ncols=True)
             bar.update(sum(map(len, pieces[:first])))
             for chunk in range(first, len(pieces)):
                 loss = self.train_piece(pieces[chunk], bar)
-                extra: dict[str, Any] = {}
-                if self.prunes(epoch):
-                    extra["pruned_to"] = self.model.mesimp_prune_(c.prune_threshold, self.optimizer)
+                extra = self.mesimp_step(epoch, last_chunk=chunk == len(pieces) - 1)
                 record = self.evaluate(epoch, chunk, loss, extra)
                 if chunk == len(pieces) - 1:
                     self.epoch_times.append({"epoch": epoch, **self.timer.take()})
@@ -433,7 +439,7 @@ def pos_command(
     tagset: TagSet = typer.Option(_D["tagset"], help="xpos (Penn Treebank tags in EWT) or upos."),
     chunks: int = typer.Option(_D["chunks"], help="Dev evaluations (and meSimp prune steps) per epoch."),
     prune_threshold: float = typer.Option(_D["prune_threshold"], help="meSimp: drop units with hits < floor(refer * threshold)."),
-    cycle: int = typer.Option(_D["cycle"], help="meSimp: epochs per cycle; prune in even cycles, fixed units in odd ones."),
+    cycle: int = typer.Option(_D["cycle"], help="meSimp: epochs per cycle; prune in even cycles, fixed units in odd ones; 0: always."),
     seed: int = typer.Option(_D["seed"], help="Random seed: same seed, same run."),
     device: str = typer.Option(_D["device"], help="cpu, cuda or cuda:N."),
     backend: str = typer.Option(_D["backend"], help="meProp kernels: auto, cpu, torch, triton, cupy, reference."),
