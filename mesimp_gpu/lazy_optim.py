@@ -26,6 +26,7 @@ Semantics:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -78,16 +79,51 @@ def clipped(grad: Tensor, clip_value: float | None) -> Tensor:
     return grad if clip_value is None else grad.clamp_(-clip_value, clip_value)
 
 
-class LazyOptimizer(torch.optim.Optimizer):
-    """Shared :meth:`step`: finds each parameter's touched rows and calls :meth:`update`."""
+def compiled_kernels(fused: bool | None) -> ModuleType | None:
+    """The cpu backend's compiled update kernels, or None for the torch-ops path.
 
-    def __init__(self, params: Iterable[Tensor], defaults: dict) -> None:
+    ``fused``: None uses them where they build (else falls back silently), True requires them,
+    False never uses them.
+    """
+    if fused is False:
+        return None
+    from mesimp_gpu.backends import BackendUnavailable, load_backend
+
+    try:
+        return load_backend("cpu").ops
+    except BackendUnavailable:
+        if fused:
+            raise
+        return None
+
+
+class LazyOptimizer(torch.optim.Optimizer):
+    """Shared :meth:`step`: finds each parameter's touched rows and calls :meth:`update`.
+
+    On CPU float32/float64 parameters the update of the touched rows is one fused, multi-threaded
+    in-place pass (the cpu backend's C++ kernel); elsewhere it gathers the rows with torch ops.
+    """
+
+    def __init__(self, params: Iterable[Tensor], defaults: dict, fused: bool | None) -> None:
         clip_value = defaults.get("clip_value")
         if clip_value is not None and clip_value <= 0:
             raise ValueError(f"clip_value must be positive, got {clip_value}")
         if defaults["lr"] <= 0:
             raise ValueError(f"learning rate must be positive, got {defaults['lr']}")
         super().__init__(params, defaults)
+        self.kernels = compiled_kernels(fused)
+
+    def use_kernels(self, p: Tensor) -> bool:
+        """True when the fused kernel can update ``p`` in place (CPU, float32/64, contiguous, matching grad)."""
+        return (
+            self.kernels is not None
+            and p.device.type == "cpu"
+            and p.dtype in (torch.float32, torch.float64)
+            and p.dim() >= 1
+            and p.is_contiguous()
+            and p.grad.dtype == p.dtype
+            and p.grad.is_contiguous()
+        )
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -111,24 +147,35 @@ class LazyOptimizer(torch.optim.Optimizer):
 
 
 class LazySGD(LazyOptimizer):
-    """SGD (optionally with momentum) that updates only the rows meProp touched; see the module docstring."""
+    """SGD (optionally with momentum) that updates only the rows meProp touched; see the module docstring.
+
+    ``fused``: None uses the compiled CPU kernel where it builds, True requires it, False uses torch ops.
+    """
 
     def __init__(
-        self, params: Iterable[Tensor], lr: float, momentum: float = 0.0, clip_value: float | None = None
+        self,
+        params: Iterable[Tensor],
+        lr: float,
+        momentum: float = 0.0,
+        clip_value: float | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, clip_value=clip_value))
+        super().__init__(params, dict(lr=lr, momentum=momentum, clip_value=clip_value), fused)
 
     def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
         lr, momentum = group["lr"], group["momentum"]
+        buf = None
+        if momentum:
+            buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        if self.use_kernels(p):
+            clip = group["clip_value"] or 0.0  # the kernel reads <= 0 as "no clipping"
+            self.kernels.lazy_sgd_(p, p.grad, rows, lr, clip, momentum, buf)
+            return
         g = (p.grad.clone() if rows is None else p.grad.index_select(0, rows)).contiguous()  # (r, ...) own copy
         g = clipped(g, group["clip_value"])
-        if momentum:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
+        if buf is not None:
             if rows is None:
                 g = buf.mul_(momentum).add_(g)
             else:
@@ -144,7 +191,7 @@ class LazyAdam(LazyOptimizer):
     """Adam whose moments decay and whose rows move only where meProp touched; see the module docstring.
 
     State keys match :class:`torch.optim.Adam` (``step``, ``exp_avg``, ``exp_avg_sq``), so helpers
-    that reset Adam's moments work unchanged.
+    that reset Adam's moments work unchanged. ``fused`` as in :class:`LazySGD`.
     """
 
     def __init__(
@@ -154,12 +201,13 @@ class LazyAdam(LazyOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         clip_value: float | None = None,
+        fused: bool | None = None,
     ) -> None:
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
         if eps <= 0:
             raise ValueError(f"eps must be positive, got {eps}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip_value=clip_value))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, clip_value=clip_value), fused)
 
     def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
         beta1, beta2 = group["betas"]
@@ -170,9 +218,13 @@ class LazyAdam(LazyOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
         t = float(state["step"])
+        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
+        if self.use_kernels(p):
+            clip = group["clip_value"] or 0.0  # the kernel reads <= 0 as "no clipping"
+            self.kernels.lazy_adam_(p, p.grad, m_all, v_all, rows, group["lr"], beta1, beta2, group["eps"], t, clip)
+            return
         g = (p.grad.clone() if rows is None else p.grad.index_select(0, rows)).contiguous()  # (r, ...) own copy
         g = clipped(g, group["clip_value"])
-        m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
         m = m_all if rows is None else m_all.index_select(0, rows)
         v = v_all if rows is None else v_all.index_select(0, rows)
         m.lerp_(g, 1.0 - beta1)

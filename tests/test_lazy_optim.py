@@ -20,7 +20,7 @@ from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 def row_sparse_grad(p: nn.Parameter, rows: torch.Tensor) -> None:
     """Give ``p`` a gradient that is non-zero only on ``rows``, and record them as meProp does."""
     g = torch.zeros_like(p)
-    g[rows] = torch.randn(len(rows), *p.shape[1:]) * 3
+    g[rows] = torch.randn(len(rows), *p.shape[1:], dtype=p.dtype) * 3
     p.grad = g
     mark_touched_rows(p, rows.reshape(1, -1))
 
@@ -65,10 +65,15 @@ def test_dense_meprop_records_every_row(seed):
     assert layer.weight.__dict__[TOUCHED_ROWS_ATTR] == [None]
 
 
+#: the compiled in-place kernel and the torch-ops path must agree with the same formulas
+FUSED = [pytest.param(True, id="kernel"), pytest.param(False, id="torch-ops")]
+
+
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("clip", [None, 1.0])
-def test_lazy_sgd_is_sgd(seed, clip):
+def test_lazy_sgd_is_sgd(seed, clip, fused):
     p = nn.Parameter(torch.randn(20, 4))
-    opt = LazySGD([p], lr=0.1, clip_value=clip)
+    opt = LazySGD([p], lr=0.1, clip_value=clip, fused=fused)
     for rows in ([3, 5, 11], [0, 5], [19]):
         before = p.detach().clone()
         row_sparse_grad(p, torch.tensor(rows))
@@ -78,9 +83,10 @@ def test_lazy_sgd_is_sgd(seed, clip):
         torch.testing.assert_close(p.detach(), expected)
 
 
-def test_lazy_sgd_momentum_touches_only_recorded_rows(seed):
+@pytest.mark.parametrize("fused", FUSED)
+def test_lazy_sgd_momentum_touches_only_recorded_rows(seed, fused):
     p = nn.Parameter(torch.randn(8, 3))
-    opt = LazySGD([p], lr=0.5, momentum=0.9)
+    opt = LazySGD([p], lr=0.5, momentum=0.9, fused=fused)
     buf = torch.zeros_like(p)
     expected = p.detach().clone()
     for rows in ([1, 2], [2, 6], [7]):
@@ -91,12 +97,13 @@ def test_lazy_sgd_momentum_touches_only_recorded_rows(seed):
         torch.testing.assert_close(p.detach(), expected)
 
 
+@pytest.mark.parametrize("fused", FUSED)
 @pytest.mark.parametrize("clip", [None, 0.5])
-def test_lazy_adam_formula(seed, clip):
+def test_lazy_adam_formula(seed, clip, fused):
     """Moments decay and rows move only where touched; bias correction uses the parameter's step count."""
     p = nn.Parameter(torch.randn(9, 5))
     lr, (b1, b2), eps = 0.01, (0.9, 0.999), 1e-8
-    opt = LazyAdam([p], lr=lr, betas=(b1, b2), eps=eps, clip_value=clip)
+    opt = LazyAdam([p], lr=lr, betas=(b1, b2), eps=eps, clip_value=clip, fused=fused)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     expected = p.detach().clone()
     for t, rows in enumerate(([0, 4], [4, 8, 2], [1], [4]), start=1):
@@ -111,10 +118,11 @@ def test_lazy_adam_formula(seed, clip):
         torch.testing.assert_close(opt.state[p]["exp_avg"], m)
 
 
-def test_without_a_record_lazy_adam_is_adam(seed):
+@pytest.mark.parametrize("fused", FUSED)
+def test_without_a_record_lazy_adam_is_adam(seed, fused):
     a, b = nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(6))
     a2, b2 = nn.Parameter(a.detach().clone()), nn.Parameter(b.detach().clone())
-    lazy, dense = LazyAdam([a, b], lr=0.01), torch.optim.Adam([a2, b2], lr=0.01)
+    lazy, dense = LazyAdam([a, b], lr=0.01, fused=fused), torch.optim.Adam([a2, b2], lr=0.01)
     for _ in range(4):
         ga, gb = torch.randn(6, 4), torch.randn(6)
         a.grad, b.grad, a2.grad, b2.grad = ga.clone(), gb.clone(), ga.clone(), gb.clone()
@@ -124,12 +132,13 @@ def test_without_a_record_lazy_adam_is_adam(seed):
     torch.testing.assert_close(b.detach(), b2.detach())
 
 
-def test_lazy_sgd_trains_a_meprop_layer_like_sgd(seed):
+@pytest.mark.parametrize("fused", FUSED)
+def test_lazy_sgd_trains_a_meprop_layer_like_sgd(seed, fused):
     torch.manual_seed(seed)
     lazy_layer = MePropLinear(16, 40, MePropConfig(mode=MePropMode.TOPK, k=2, backend="reference"))
     dense_layer = MePropLinear(16, 40, MePropConfig(mode=MePropMode.TOPK, k=2, backend="reference"))
     dense_layer.load_state_dict(lazy_layer.state_dict())
-    lazy = LazySGD(lazy_layer.parameters(), lr=0.05, clip_value=5.0)
+    lazy = LazySGD(lazy_layer.parameters(), lr=0.05, clip_value=5.0, fused=fused)
     dense = torch.optim.SGD(dense_layer.parameters(), lr=0.05)
     for _ in range(3):
         x = torch.randn(3, 16)
@@ -151,3 +160,17 @@ def test_invalid_settings_are_rejected():
         LazySGD(p, lr=0.1, clip_value=-1.0)
     with pytest.raises(ValueError):
         LazyAdam(p, betas=(1.0, 0.9))
+
+
+def test_untouched_parameters_keep_their_values_on_the_kernel_path(seed):
+    """A float64 parameter with a record and a non-contiguous one without: both paths in one step."""
+    w = nn.Parameter(torch.randn(12, 3, dtype=torch.float64))
+    t = nn.Parameter(torch.randn(3, 12).t())  # not contiguous: torch-ops path, dense update
+    opt = LazyAdam([w, t], lr=0.1, fused=True)
+    before_w, before_t = w.detach().clone(), t.detach().clone()
+    row_sparse_grad(w, torch.tensor([2, 9]))
+    t.grad = torch.ones_like(t)
+    opt.step()
+    changed = (w.detach() != before_w).any(dim=1)
+    assert changed.nonzero().squeeze(1).tolist() == [2, 9]
+    torch.testing.assert_close(t.detach(), before_t - 0.1)  # Adam's first step moves by lr * sign(g)

@@ -38,7 +38,7 @@ from mesimp_gpu.backends.torch_backend import TorchBackend
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows"]
+FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows", "lazy_sgd_", "lazy_adam_"]
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
 NATIVE_DTYPES = (torch.float32, torch.float64)
 

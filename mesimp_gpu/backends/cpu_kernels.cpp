@@ -27,7 +27,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <cmath>
 #include <functional>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -380,4 +382,95 @@ torch::Tensor scatter_rows(const torch::Tensor& src, const torch::Tensor& cols, 
     });
   });
   return out;
+}
+
+namespace {
+
+// Row list of an in-place optimizer update: rows (int64 [r]) of a [n, width] parameter, or all n.
+struct RowSet {
+  const int64_t* rows;  // nullptr: every row
+  int64_t count;
+  int64_t operator[](int64_t i) const { return rows == nullptr ? i : rows[i]; }
+};
+
+RowSet row_set(const c10::optional<torch::Tensor>& rows, int64_t n) {
+  if (!rows.has_value()) return {nullptr, n};
+  TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == torch::kLong && rows->is_contiguous(),
+              "rows must be a contiguous int64 vector");
+  return {rows->data_ptr<int64_t>(), rows->size(0)};
+}
+
+void check_state(const torch::Tensor& p, const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type() && t.is_contiguous(), what,
+              " must be contiguous with the parameter's shape and dtype");
+}
+
+}  // namespace
+
+// In place, on the listed rows of p (all rows if none): g = clamp(grad, -clip, clip) (clip <= 0: no
+// clamp); with momentum > 0, buf = momentum * buf + g and g = buf; p -= lr * g. One pass per row.
+void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<torch::Tensor>& rows, double lr,
+               double clip, double momentum, const c10::optional<torch::Tensor>& buf) {
+  TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
+  check_state(p, grad, "grad");
+  if (momentum > 0) {
+    TORCH_CHECK(buf.has_value(), "momentum needs a buffer");
+    check_state(p, *buf, "momentum buffer");
+  }
+  const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
+  const RowSet rs = row_set(rows, p.size(0));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_sgd_", [&] {
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* bp = momentum > 0 ? buf->data_ptr<scalar_t>() : nullptr;
+    const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
+    const scalar_t mu = scalar_t(momentum), step = scalar_t(lr);
+    at::parallel_for(0, rs.count, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t off = rs[i] * width;
+        for (int64_t j = off; j < off + width; ++j) {
+          scalar_t g = std::min(std::max(gp[j], -c), c);
+          if (bp != nullptr) g = bp[j] = mu * bp[j] + g;
+          pp[j] -= step * g;
+        }
+      }
+    });
+  });
+}
+
+// In place, on the listed rows of p (all rows if none), Adam at step t with torch.optim.Adam's
+// formula: m += (1 - b1) (g - m); v = b2 v + (1 - b2) g^2;
+// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), with g clamped as in lazy_sgd_.
+void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, torch::Tensor v,
+                const c10::optional<torch::Tensor>& rows, double lr, double beta1, double beta2, double eps, double t,
+                double clip) {
+  TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
+  check_state(p, grad, "grad");
+  check_state(p, m, "exp_avg");
+  check_state(p, v, "exp_avg_sq");
+  const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
+  const RowSet rs = row_set(rows, p.size(0));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adam_", [&] {
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
+    const scalar_t b1 = scalar_t(beta1), b2 = scalar_t(beta2), e_ = scalar_t(eps);
+    const scalar_t step = scalar_t(lr / (1.0 - std::pow(beta1, t)));
+    const scalar_t inv_bc2 = scalar_t(1.0 / std::sqrt(1.0 - std::pow(beta2, t)));
+    at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t off = rs[i] * width;
+        for (int64_t j = off; j < off + width; ++j) {
+          const scalar_t g = std::min(std::max(gp[j], -c), c);
+          const scalar_t mj = mp[j] + (1 - b1) * (g - mp[j]);
+          const scalar_t vj = b2 * vp[j] + (1 - b2) * g * g;
+          mp[j] = mj;
+          vp[j] = vj;
+          pp[j] -= step * mj / (std::sqrt(vj) * inv_bc2 + e_);
+        }
+      }
+    });
+  });
 }
