@@ -177,6 +177,13 @@ def test_harness_runs_writes_and_redraws(tmp_path):
     assert "### backward" in text and "| B | n | k |" in text and "torch.topk" in text and "meprop" in text
     assert any(line.startswith("layer B=4 n=32") for line in lines)
 
+    # a CUDA run's report: calibration table and roofline fractions (computed here from made-up figures)
+    saved["header"]["calibration"] = {"copy_gbs": 100.0, "matmul_fp32_tflops": 1.0, "matmul_tf32_tflops": 2.0,
+                                      "matmul_bf16_tflops": 4.0, "launch_us": 3.0}
+    add_hardware_fractions(saved["rows"], saved["header"]["calibration"])
+    gpu_text = render(saved)
+    assert "## Calibration" in gpu_text and "Fraction of the hardware roofline" in gpu_text
+
 
 def test_memory_limit_and_cpu_flop_cap_skip_with_reasons(tmp_path):
     config = tiny_config(tmp_path, suites=(Suite.LAYER,), batches=(4, 64), widths=(32,), ks=(3,), k_fraction=0,
