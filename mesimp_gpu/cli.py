@@ -14,6 +14,7 @@ import typer
 from mesimp_gpu.backends import BACKEND_NAMES, BackendUnavailable, InvalidGradientError
 from mesimp_gpu.bench.config import BenchConfig, Suite
 from mesimp_gpu.data.idx import IdxFormatError
+from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.mnist import Method, MnistConfig, Preset, mnist_config
 from mesimp_gpu.train.pos import pos_command
@@ -91,8 +92,10 @@ def train_mnist_command(
                                 "in [0, 1)."),
     cycle: int = typer.Option(_DEFAULT.cycle, help="meSimp: epochs per cycle; prune after every chunk in even "
                               "cycles, fixed sizes in odd ones (reference 5); 0 prunes in every epoch."),
-    reset_moments: bool = typer.Option(_DEFAULT.reset_moments, help="meSimp: zero Adam's moments (not its step "
-                                       "count) at each cycle boundary, as the reference."),
+    reset_moments: MomentReset = typer.Option(_DEFAULT.reset_moments, help="meSimp: when Adam's moments (not its "
+                                              "step count) are zeroed: cycle: once at each cycle boundary (the paper); "
+                                              "last-epoch: after every chunk of a cycle's last epoch (the C# code); "
+                                              "none."),
     nonzero_hits: bool = typer.Option(_DEFAULT.nonzero_hits, "--nonzero-hits/--all-hits",
                                       help="meSimp: count only selected non-zero gradients as hits, or every "
                                       "selected index (the reference)."),

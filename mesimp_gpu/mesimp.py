@@ -34,11 +34,12 @@ Two deliberate differences from the reference's C# loop (``Mnist.cs``): it score
 prune step runs before the chunk's evaluation, so every score belongs to the network as it then
 exists. And it re-initialises Adam after *every* chunk of the last epoch of a cycle (its test is
 per epoch, inside the chunk loop); here the moments are reset once, at the boundary, as the paper
-describes.
+describes, unless :attr:`MomentReset.LAST_EPOCH` asks for the C# behaviour.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Sequence
@@ -54,6 +55,14 @@ from mesimp_gpu.optim import reset_moments, slice_parameter
 if TYPE_CHECKING:
     from mesimp_gpu.models.mlp import MLP
     from mesimp_gpu.train.mnist import MnistTrainer
+
+
+class MomentReset(str, enum.Enum):
+    """When meSimp zeroes Adam's moments ``m`` and ``v`` (never the step count ``t``)."""
+
+    CYCLE = "cycle"  # once, after the last chunk of each cycle (the paper)
+    LAST_EPOCH = "last-epoch"  # after every chunk of each cycle's last epoch (what the C# loop does)
+    NONE = "none"  # never
 
 
 def check_threshold(threshold: float) -> None:
@@ -138,14 +147,14 @@ class MesimpHook:
     ``refer`` beside it) travels in checkpoints, so a resumed run prunes exactly as an uninterrupted one.
     """
 
-    def __init__(self, threshold: float, cycle: int, reset_moments: bool) -> None:
+    def __init__(self, threshold: float, cycle: int, reset_moments: MomentReset) -> None:
         check_threshold(threshold)
         if cycle < 0:
             raise ValueError(f"cycle must be at least 0, got {cycle}")
-        self.threshold, self.cycle, self.reset_moments = threshold, cycle, reset_moments
+        self.threshold, self.cycle, self.reset_moments = threshold, cycle, MomentReset(reset_moments)
 
     def on_chunk_end(self, trainer: MnistTrainer, epoch: int, chunk: int) -> dict[str, Any]:
-        """Prune (or discard the record) and maybe reset moments; returns the fields for the history record."""
+        """Prune in pruning epochs, reset moments at a cycle end; returns the fields for the history record."""
         record: dict[str, Any] = {"pruned": prunes_in(epoch, self.cycle), "moments_reset": False}
         start = time.perf_counter()
         if record["pruned"]:
@@ -154,7 +163,10 @@ class MesimpHook:
             tqdm.write(f"epoch {epoch + 1} chunk {chunk + 1}: hidden sizes {'-'.join(map(str, sizes))} "
                        f"(removed {sum(before) - sum(sizes)}, {trainer.parameter_count():,} parameters)")
         record["prune_seconds"] = time.perf_counter() - start
-        if self.reset_moments and chunk == trainer.chunks_per_epoch - 1 and ends_cycle(epoch, self.cycle):
+        last_chunk = chunk == trainer.chunks_per_epoch - 1
+        if ends_cycle(epoch, self.cycle) and (
+            self.reset_moments is MomentReset.LAST_EPOCH or (self.reset_moments is MomentReset.CYCLE and last_chunk)
+        ):
             reset_moments(trainer.optimizer)
             record["moments_reset"] = True
         return record

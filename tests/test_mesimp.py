@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mesimp_gpu.backends import BackendUnavailable, get_backend
 from mesimp_gpu.cli import app
 from mesimp_gpu.data.mnist import load_mnist
-from mesimp_gpu.mesimp import ends_cycle, prune_mask, prune_step_, prunes_in, shrink_outputs_
+from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prune_step_, prunes_in, shrink_outputs_
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.models.mlp import MLP, load_mlp, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer
@@ -238,8 +238,16 @@ def test_schedule_prunes_in_even_cycles_and_resets_moments(tmp_path: Path, mnist
 
 
 def test_schedule_without_moment_resets(tmp_path: Path, mnist) -> None:
-    results = train_mnist(tiny(tmp_path, epochs=2, reset_moments=False, cycle=0), data=mnist, hooks=(MomentProbe(),))
+    results = train_mnist(tiny(tmp_path, epochs=2, reset_moments=MomentReset.NONE, cycle=0), data=mnist,
+                          hooks=(MomentProbe(),))
     assert all(h["pruned"] and not h["moments_reset"] and h["moment_mass"] > 0 for h in results["history"])
+
+
+def test_moment_resets_after_every_chunk_of_a_cycles_last_epoch(tmp_path: Path, mnist) -> None:
+    config = tiny(tmp_path, epochs=4, cycle=2, reset_moments=MomentReset.LAST_EPOCH)
+    history = train_mnist(config, data=mnist, hooks=(MomentProbe(),))["history"]
+    assert [h["moments_reset"] for h in history] == [False, False, True, True] * 2
+    assert all((h["moment_mass"] == 0) == h["moments_reset"] for h in history)
 
 
 def test_resume_of_a_shrunk_run_continues_exactly(tmp_path: Path, mnist) -> None:
@@ -269,7 +277,7 @@ def test_same_size_baseline(tmp_path: Path, mnist) -> None:
 def test_paper_preset_is_the_reference() -> None:
     c = mnist_config(Preset.PAPER)
     assert (c.method, c.k, c.prune, c.batch_size, c.epochs, c.chunks, c.cycle, c.reset_moments) == \
-        (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, True)
+        (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, MomentReset.CYCLE)
     assert (c.sizes, c.optimizer, c.lr, c.clip, c.grad_sum, c.nonzero_hits) == \
         ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, False)
     assert mnist_config(Preset.PAPER, epochs=3).epochs == 3
@@ -302,6 +310,7 @@ def test_cli_run_with_preset_overrides_then_evaluate(tmp_path: Path, mnist_dir: 
         (["--prune", "1.0"], "--prune must be in [0, 1)"),
         (["--prune", "-0.5"], "--prune must be in [0, 1)"),
         (["--cycle", "-1"], "--cycle must be at least 0"),
+        (["--reset-moments", "sometimes"], "sometimes"),
         (["--hidden-sizes", "300,x"], "--hidden-sizes must be comma-separated integers"),
         (["--hidden-sizes", "300,0"], "--hidden-sizes must be positive"),
         (["--method", "dense", "--compare-same-size"], "--compare-same-size needs --method mesimp"),

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.io import write_json
-from mesimp_gpu.mesimp import MesimpHook
+from mesimp_gpu.mesimp import MesimpHook, MomentReset
 from mesimp_gpu.meprop import MePropConfig, MePropMode
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise
@@ -88,7 +88,7 @@ class MnistConfig:
     chunks: int = 8  # dev evaluations per epoch ("IterPerEpoch" of the reference)
     prune: float = 0.1  # meSimp: remove neurons with hits < floor(refer * prune), in [0, 1)
     cycle: int = 1  # meSimp: epochs per cycle, prune in even cycles (reference 5); 0: prune always
-    reset_moments: bool = True  # meSimp: zero Adam's m and v (not t) at each cycle boundary
+    reset_moments: MomentReset = MomentReset.CYCLE  # meSimp: when Adam's m and v (not t) are zeroed
     nonzero_hits: bool = False  # meSimp: count only selected non-zero gradients as hits (reference: all)
     compare_same_size: bool = False  # meSimp: then train a dense MLP of the final sizes from scratch
     seed: int = 1  # seeds initialisation, shuffling and random selection
@@ -142,7 +142,7 @@ PRESETS: dict[Preset, dict[str, Any]] = {
     Preset.PAPER: dict(
         method=Method.MESIMP, k=160, hidden=500, layers=2, hidden_sizes=None, epochs=20, batch_size=100,
         optimizer=OptimizerName.ADAM, lr=1e-3, clip=5.0, grad_sum=True, chunks=8, prune=0.1, cycle=5,
-        reset_moments=True, nonzero_hits=False,
+        reset_moments=MomentReset.CYCLE, nonzero_hits=False,
     ),
 }
 
