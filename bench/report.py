@@ -156,10 +156,23 @@ def header_section(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(doc: dict[str, Any]) -> str:
-    """The whole report as markdown."""
-    sections = [header_section(doc), calibration_section(doc), layer_section(doc), topk_section(doc), train_section(doc)]
+def plots_section(links: dict[str, str]) -> str:
+    """Image links, one per plot (title -> link)."""
+    if not links:
+        return ""
+    return "\n\n".join(["## Plots", *[f"![{title}]({link})" for title, link in links.items()]])
+
+
+def render(doc: dict[str, Any], plot_links: dict[str, str] | None = None) -> str:
+    """The whole report as markdown; ``plot_links`` (title -> link) adds the plots at the end."""
+    sections = [header_section(doc), calibration_section(doc), layer_section(doc), topk_section(doc),
+                train_section(doc), plots_section(plot_links or {})]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def plot_links(doc: dict[str, Any], json_path: str | Path) -> dict[str, str]:
+    """Links to the plots of a results file, relative to the folder that holds it."""
+    return {title: path.name for title, path in plot_paths(json_path, doc).items()}
 
 
 def plot_paths(json_path: str | Path, doc: dict[str, Any]) -> dict[str, Path]:
@@ -242,4 +255,4 @@ def report_file(path: str | Path) -> str:
     """Redraw the plots of a saved results file and return its markdown report."""
     doc = load(path)
     draw_plots(doc, path)
-    return render(doc)
+    return render(doc, plot_links(doc, path))

@@ -21,7 +21,7 @@ from mesimp_gpu.bench.calibrate import add_hardware_fractions, calibrate
 from mesimp_gpu.bench.common import available_backends
 from mesimp_gpu.bench.config import BenchConfig, Suite
 from mesimp_gpu.bench.layer import run_layer_suite
-from mesimp_gpu.bench.report import draw_plots, render
+from mesimp_gpu.bench.report import draw_plots, plot_links, render
 from mesimp_gpu.bench.timing import clock_for
 from mesimp_gpu.bench.topk import run_topk_suite
 from mesimp_gpu.bench.train import run_train_suite
@@ -114,5 +114,5 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
 def main(config: BenchConfig, command: str) -> None:
     """Run, then print the markdown report on stdout and where the files went on stderr."""
     path, doc = run_bench(config, command)
-    print(render(doc))
+    print(render(doc, plot_links(doc, path)))
     print(f"results: {path}", file=sys.stderr)

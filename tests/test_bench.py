@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mesimp_gpu.bench.calibrate import add_hardware_fractions
 from mesimp_gpu.bench.common import available_backends, check_fields, relative_error
 from mesimp_gpu.bench.config import QUICK, BenchConfig, Pass, Provider, Suite, make_config
-from mesimp_gpu.bench.report import load, markdown_table, plot_paths, render, report_file
+from mesimp_gpu.bench.report import load, markdown_table, plot_links, plot_paths, render, report_file
 from mesimp_gpu.bench.runner import run_bench
 from mesimp_gpu.bench.timing import CpuClock, measure, rounds_for, speedup, summarize
 from mesimp_gpu.bench.topk import mismatch
@@ -173,7 +173,8 @@ def test_harness_runs_writes_and_redraws(tmp_path):
         p.unlink()
     text = report_file(path)
     assert all(p.is_file() for p in plots.values())
-    assert text == render(saved)
+    assert text == render(saved, plot_links(saved, path))
+    assert all(f"]({p.name})" in text for p in plots.values())
     assert "### backward" in text and "| B | n | k |" in text and "torch.topk" in text and "meprop" in text
     assert any(line.startswith("layer B=4 n=32") for line in lines)
 
