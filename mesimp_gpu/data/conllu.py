@@ -109,7 +109,9 @@ def iter_conllu(path: str | Path) -> Iterator[Sentence]:
                 if _RANGE_ID.fullmatch(token_id) or _EMPTY_ID.fullmatch(token_id):
                     continue
                 if not _INT_ID.fullmatch(token_id):
-                    raise ConlluFormatError(f"{where}: token ID {token_id!r} is not an integer, a range or an empty node")
+                    raise ConlluFormatError(
+                        f"{where}: token ID {token_id!r} is not an integer, a range or an empty node"
+                    )
                 if int(token_id) != len(words) + 1:
                     raise ConlluFormatError(f"{where}: token ID {token_id} out of order, expected {len(words) + 1}")
                 if not fields[1]:
@@ -245,8 +247,9 @@ class TaggingVocab:
                 )
         tokens = [w for s in train for w in s.words]
         words = Vocab(Counter(normalise_word(w) for w in tokens))
+        closed = ("cap", "digit", "hyphen")  # small closed classes: every value is kept
         features = {
-            name: Vocab(Counter(fn(w) for w in tokens), min_count=1 if name in ("cap", "digit", "hyphen") else affix_min_count)
+            name: Vocab(Counter(fn(w) for w in tokens), min_count=1 if name in closed else affix_min_count)
             for name, fn in SHAPE_FEATURES.items()
         }
         tags = TagVocab(t for s in train for t in s.tags(tagset))

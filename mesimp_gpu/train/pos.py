@@ -177,7 +177,9 @@ def load_splits(config: PosConfig) -> tuple[dict[str, list[Sentence]], dict[str,
     return {split: read_conllu(paths[split], limits[split]) for split in SPLITS}, paths
 
 
-def length_batches(indices: list[int], lengths: list[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+def length_batches(
+    indices: list[int], lengths: list[int], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
     """Group ``indices`` into batches of similar sentence length, returned in random order."""
     by_length = sorted(indices, key=lambda i: lengths[i])
     batches = [by_length[a : a + batch_size] for a in range(0, len(by_length), batch_size)]
@@ -260,7 +262,8 @@ class PosTrainer:
         generator = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
         order = torch.randperm(len(self.data["train"]), generator=generator).tolist()
         lengths = [len(s.words) for s in self.data["train"]]
-        return [length_batches(order[a:b], lengths, c.batch_size, generator) for a, b in chunk_bounds(len(order), c.chunks)]
+        pieces = chunk_bounds(len(order), c.chunks)
+        return [length_batches(order[a:b], lengths, c.batch_size, generator) for a, b in pieces]
 
     def train_piece(self, batches: list[list[int]], bar: tqdm | None) -> float:
         """Update steps over ``batches``; returns the mean loss per token."""
@@ -392,8 +395,8 @@ class PosTrainer:
         mine = jsonable(self.config)
         changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and state["config"].get(k) != mine[k])
         if changed:
-            raise ValueError(f"checkpoint {self.checkpoint_path} was made with different settings ({', '.join(changed)}); "
-                             "use the same options, or another --out")
+            raise ValueError(f"checkpoint {self.checkpoint_path} was made with different settings "
+                             f"({', '.join(changed)}); use the same options, or another --out")
         self.model = self.build_model(state["hidden_sizes"])
         self.model.load_state_dict(state["model"])
         for d, refer in zip(self.model.lstm.directions, state["refer"]):
@@ -408,7 +411,9 @@ class PosTrainer:
         set_rng_state(state["rng"])
 
 
-def train_pos(config: PosConfig, resume: bool = False, splits: dict[str, list[Sentence]] | None = None) -> dict[str, Any]:
+def train_pos(
+    config: PosConfig, resume: bool = False, splits: dict[str, list[Sentence]] | None = None
+) -> dict[str, Any]:
     """Train as ``config`` says (continuing ``config.out``'s checkpoint when ``resume``); returns the results."""
     trainer = PosTrainer(config, splits)
     if resume:
@@ -423,28 +428,36 @@ def pos_command(
     method: Method = typer.Option(_D["method"], help="dense: full back propagation; meprop: per-example top-k of the "
                                   "LSTM gate gradient (the paper); unified: one top-k set per step and minibatch; "
                                   "random: k random entries; mesimp: meprop plus pruning of rarely selected units."),
-    k: int = typer.Option(_D["k"], help="Gate-gradient entries kept per example and step (per gate with --selection per-gate)."),
+    k: int = typer.Option(_D["k"], help="Gate-gradient entries kept per example and step "
+                          "(per gate with --selection per-gate)."),
     selection: GateSelection = typer.Option(_D["selection"], help="Top-k over all 4H gate entries, or k in each gate."),
-    counting: HitCounting = typer.Option(_D["counting"], help="meSimp hits: once per token when any gate is kept, or per kept gate."),
+    counting: HitCounting = typer.Option(_D["counting"], help="meSimp hits: once per token when any gate is kept, "
+                                         "or per kept gate."),
     hidden: int = typer.Option(_D["hidden"], help="LSTM hidden size (per direction)."),
     bidirectional: bool = typer.Option(_D["bidirectional"], help="Add a right-to-left LSTM."),
     epochs: int = typer.Option(_D["epochs"], help="Passes over the training sentences."),
     batch_size: int = typer.Option(_D["batch_size"], help="Sentences per update step (the paper: 1)."),
-    optimizer: OptimizerName = typer.Option(_D["optimizer"], help="Update rule (Adam 0.9/0.999/1e-8, AdaGrad eps 1e-6, SGD)."),
+    optimizer: OptimizerName = typer.Option(_D["optimizer"], help="Update rule (Adam 0.9/0.999/1e-8, AdaGrad "
+                                            "eps 1e-6, SGD)."),
     lr: float = typer.Option(_D["lr"], help="Learning rate."),
     clip: float = typer.Option(_D["clip"], help="Element-wise gradient clipping bound; 0 disables."),
     word_dim: int = typer.Option(_D["word_dim"], help="Word embedding size."),
     feature_dim: int = typer.Option(_D["feature_dim"], help="Embedding size of each of the 7 shape features."),
-    word_dropout: float = typer.Option(_D["word_dropout"], help="alpha: a word seen c times becomes UNK with probability alpha / (alpha + c)."),
+    word_dropout: float = typer.Option(_D["word_dropout"], help="alpha: a word seen c times becomes UNK with "
+                                       "probability alpha / (alpha + c)."),
     tagset: TagSet = typer.Option(_D["tagset"], help="xpos (Penn Treebank tags in EWT) or upos."),
     chunks: int = typer.Option(_D["chunks"], help="Dev evaluations (and meSimp prune steps) per epoch."),
-    prune_threshold: float = typer.Option(_D["prune_threshold"], help="meSimp: drop units with hits < floor(refer * threshold)."),
-    cycle: int = typer.Option(_D["cycle"], help="meSimp: epochs per cycle; prune in even cycles, fixed units in odd ones; 0: always."),
+    prune_threshold: float = typer.Option(_D["prune_threshold"], help="meSimp: drop units with "
+                                          "hits < floor(refer * threshold)."),
+    cycle: int = typer.Option(_D["cycle"], help="meSimp: epochs per cycle; prune in even cycles, fixed units in "
+                              "odd ones; 0: always."),
     seed: int = typer.Option(_D["seed"], help="Random seed: same seed, same run."),
     device: str = typer.Option(_D["device"], help="cpu, cuda or cuda:N."),
     backend: str = typer.Option(_D["backend"], help="meProp kernels: auto, cpu, torch, triton, cupy, reference."),
-    threads: Optional[int] = typer.Option(_D["threads"], help="torch CPU threads (default: torch's choice; 1 helps on a busy machine)."),
-    data_dir: Optional[Path] = typer.Option(_D["data_dir"], help="Folder with one *train, *dev and *test .conllu[.gz] file."),
+    threads: Optional[int] = typer.Option(_D["threads"], help="torch CPU threads (default: torch's choice; 1 helps "
+                                          "on a busy machine)."),
+    data_dir: Optional[Path] = typer.Option(_D["data_dir"], help="Folder with one *train, *dev and *test "
+                                            ".conllu[.gz] file."),
     train_file: Optional[Path] = typer.Option(_D["train_file"], help="Training CoNLL-U file (instead of --data-dir)."),
     dev_file: Optional[Path] = typer.Option(_D["dev_file"], help="Dev CoNLL-U file (instead of --data-dir)."),
     test_file: Optional[Path] = typer.Option(_D["test_file"], help="Test CoNLL-U file (instead of --data-dir)."),
