@@ -149,7 +149,8 @@ def header_section(doc: dict[str, Any]) -> str:
              f"- machine: {m['cpu']}, {m['cpu_count']} cores, {h['threads']} torch threads{gpu}; "
              f"load average {h['load_average_start']} at start",
              f"- software: torch {m['torch']}, triton {m['triton']}, cupy {m['cupy']}, mesimp-gpu {m['mesimp_gpu']} "
-             f"(commit {m['git_commit']})",
+             f"(commit {m['git_commit']}"
+             + (f", plus uncommitted changes to {', '.join(h['modified_files'])})" if h.get("modified_files") else ")"),
              f"- backends: {', '.join(h['backends'])}; skipped: "
              + ("; ".join(f"{k} ({v})" for k, v in h["skipped_backends"].items()) or "none")]
     lines += [f"- note: {n}" for n in h.get("notes", [])]

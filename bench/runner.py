@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
@@ -45,6 +46,16 @@ def results_path(config: BenchConfig, created: datetime) -> Path:
     """``out_dir/bench-<device>[-quick]-<YYYYmmdd-HHMMSS>.json`` (the device type, UTC time)."""
     kind = torch.device(config.device).type + ("-quick" if config.quick else "")
     return Path(config.out_dir) / f"bench-{kind}-{created:%Y%m%d-%H%M%S}.json"
+
+
+def modified_files() -> list[str] | None:
+    """Tracked files of the checkout that differ from its commit (the run used them), or None outside git."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
 
 
 def notes_for(config: BenchConfig, device: torch.device) -> list[str]:
@@ -84,6 +95,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             "threads": torch.get_num_threads(),
             "load_average_start": [round(v, 2) for v in os.getloadavg()],
             "machine": machine_info(device),
+            "modified_files": modified_files(),  # uncommitted changes the run included, beyond git_commit
             "config": jsonable(config),
             "backends": list(backends),
             "skipped_backends": skipped,
