@@ -87,7 +87,7 @@ def candidates(shared: MePropLinear, ks: list[int], backends: dict[str, Backend]
 
 
 class Oracle:
-    """Expected ``(dx, dW)`` of each candidate from the reference backend, computed once per k."""
+    """Expected ``(dx, dW)`` of each candidate from the reference backend, computed once per (selection, k)."""
 
     def __init__(self, x: Tensor, g: Tensor, weight: Tensor, seed: int) -> None:
         self.x, self.g, self.weight = x.detach(), g, weight.detach()
@@ -95,48 +95,33 @@ class Oracle:
         self.reference = ReferenceBackend()
         self.cache: dict[tuple[Provider, int | None], tuple[Tensor, Tensor]] = {}
 
-    def dense(self) -> tuple[Tensor, Tensor]:
-        if (Provider.DENSE, None) not in self.cache:
-            g = self.g.double()
-            self.cache[Provider.DENSE, None] = (g @ self.weight.double(), g.t() @ self.x.double())
-        return self.cache[Provider.DENSE, None]
+    def expected(self, provider: Provider, k: int | None) -> tuple[Tensor, Tensor]:
+        """The reference ``(dx, dW)`` for ``provider`` at ``k``; the prior art selects like per-example meProp."""
+        selection = Provider.TOPK if provider in PRIOR_FUNCTIONS else provider
+        if (selection, k) not in self.cache:
+            self.cache[selection, k] = self.compute(selection, k)
+        return self.cache[selection, k]
 
-    def topk(self, k: int) -> tuple[Tensor, Tensor]:
-        if (Provider.TOPK, k) not in self.cache:
-            idx = self.reference.topk_indices(self.g, k)
-            self.cache[Provider.TOPK, k] = self.reference.sparse_backward(self.g, idx, self.x, self.weight)
-        return self.cache[Provider.TOPK, k]
-
-    def unified(self, k: int) -> tuple[Tensor, Tensor]:
-        if (Provider.UNIFIED, k) not in self.cache:
-            dx, dw, _ = self.reference.unified_backward(self.g, self.x, self.weight, k)
-            self.cache[Provider.UNIFIED, k] = (dx, dw)
-        return self.cache[Provider.UNIFIED, k]
-
-    def random(self, k: int) -> tuple[Tensor, Tensor]:
-        """The products for the columns that ``random_indices`` draws right after ``manual_seed(self.seed)``.
-
-        Every backend draws the same columns from the same seed, so one result per k serves them all.
-        """
-        if (Provider.RANDOM, k) not in self.cache:
+    def compute(self, selection: Provider, k: int | None) -> tuple[Tensor, Tensor]:
+        """The reference products for one selection rule (dense: all columns, in float64)."""
+        ref, g, x, weight = self.reference, self.g, self.x, self.weight
+        if selection is Provider.DENSE:
+            return g.double() @ weight.double(), g.double().t() @ x.double()
+        if selection is Provider.UNIFIED:
+            dx, dw, _ = ref.unified_backward(g, x, weight, k)
+            return dx, dw
+        if selection is Provider.RANDOM:
+            # the columns random_indices draws right after manual_seed(seed): the same for every backend
             torch.manual_seed(self.seed)
-            idx = random_indices(self.g.shape[0], self.g.shape[1], k, self.g.device)
-            self.cache[Provider.RANDOM, k] = self.reference.sparse_backward(self.g, idx, self.x, self.weight)
-        return self.cache[Provider.RANDOM, k]
+            return ref.sparse_backward(g, random_indices(g.shape[0], g.shape[1], k, g.device), x, weight)
+        return ref.sparse_backward(g, ref.topk_indices(g, k), x, weight)
 
 
 def check(candidate: Candidate, oracle: Oracle, x: Tensor, g: Tensor, params: tuple[Tensor, ...]) -> float:
     """Run the candidate's forward and backward once; the relative error of ``dx`` and ``dW`` against the oracle."""
     torch.manual_seed(oracle.seed)  # random selection draws its columns from torch's generator inside backward
     dx, dw, _ = torch.autograd.grad(candidate.forward(x), (x, *params), g)
-    if candidate.provider is Provider.DENSE:
-        expected = oracle.dense()
-    elif candidate.provider is Provider.UNIFIED:
-        expected = oracle.unified(candidate.k)
-    elif candidate.provider is Provider.RANDOM:
-        expected = oracle.random(candidate.k)
-    else:  # per-example top-k: meProp and both prior-art baselines
-        expected = oracle.topk(candidate.k)
+    expected = oracle.expected(candidate.provider, candidate.k)
     return max(relative_error(dx, expected[0]), relative_error(dw, expected[1]))
 
 

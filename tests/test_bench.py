@@ -16,10 +16,12 @@ from mesimp_gpu.bench.common import available_backends, check_fields, relative_e
 from mesimp_gpu.bench.config import QUICK, BenchConfig, Pass, Provider, Suite, make_config
 from mesimp_gpu.bench.report import load, markdown_table, plot_links, plot_paths, render, report_file
 from mesimp_gpu.bench.runner import run_bench
+from mesimp_gpu.bench.layer import Candidate, Oracle, check, meprop_layer
 from mesimp_gpu.bench.timing import CpuClock, measure, rounds_for, speedup, summarize
 from mesimp_gpu.bench.topk import mismatch
 from mesimp_gpu.cli import app
 from mesimp_gpu.data.mnist import Mnist, Split
+from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -111,6 +113,19 @@ def test_bad_config_is_rejected(changes):
         BenchConfig(**changes)
 
 
+def test_check_catches_a_wrong_result():
+    torch.manual_seed(0)
+    shared = MePropLinear(32, 32)
+    x, g = torch.randn(4, 32, requires_grad=True), torch.randn(4, 32)
+    oracle, params = Oracle(x, g, shared.weight, seed=0), (shared.weight, shared.bias)
+    for mode, provider in [(MePropMode.TOPK, Provider.TOPK), (MePropMode.RANDOM, Provider.RANDOM)]:
+        right = Candidate(provider, "torch", 3, meprop_layer(shared, MePropConfig(mode, 3, "torch")))
+        assert check(right, oracle, x, g, params) < 1e-5
+    assert shared.config.mode is MePropMode.TOPK  # the views did not change the shared layer
+    dense_claiming_topk = Candidate(Provider.TOPK, None, 3, meprop_layer(shared, MePropConfig(MePropMode.DENSE)))
+    assert check(dense_claiming_topk, oracle, x, g, params) > 0.1
+
+
 def test_cpu_backends_exclude_gpu_ones():
     loaded, skipped = available_backends(torch.device("cpu"))
     assert "torch" in loaded and "reference" not in loaded
@@ -184,6 +199,8 @@ def test_harness_runs_writes_and_redraws(tmp_path):
     add_hardware_fractions(saved["rows"], saved["header"]["calibration"])
     gpu_text = render(saved)
     assert "## Calibration" in gpu_text and "Fraction of the hardware roofline" in gpu_text
+    next(r for r in saved["rows"] if r["label"] == "prior-sparse")["check_passed"] = False
+    assert "✗" in render(saved)  # a failed check is marked in the tables
 
 
 def test_memory_limit_and_cpu_flop_cap_skip_with_reasons(tmp_path):
