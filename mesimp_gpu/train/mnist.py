@@ -156,8 +156,8 @@ def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
     return MnistConfig(**{**(PRESETS[preset] if preset else {}), **settings})
 
 
-#: settings that may differ between a run and its resumption
-RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "data_dir", "compare_same_size"}
+#: settings that may differ between a run and its resumption (a run folder may be moved, too)
+RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "data_dir", "out", "compare_same_size"}
 
 
 class ChunkHook(Protocol):
