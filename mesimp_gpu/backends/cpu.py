@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 from types import ModuleType
@@ -62,13 +64,18 @@ def load_kernels() -> ModuleType:
     """
     from mesimp_gpu.backends import BackendUnavailable  # the registry imports this module lazily
 
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise BackendUnavailable(f"backend 'cpu' needs a C++ compiler to build its kernels; {compiler!r} was not found")
+    if not cpp_extension.is_ninja_available():
+        raise BackendUnavailable("backend 'cpu' needs ninja to build its kernels (pip install ninja)")
     source = SOURCE.read_text()
     digest = hashlib.sha256((source + cpu_signature() + " ".join(CFLAGS)).encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        module = load_inline(
+        module = cpp_extension.load_inline(
             name=f"mesimp_cpu_kernels_{digest}",
             cpp_sources=[source],
             functions=FUNCTIONS,
@@ -77,9 +84,10 @@ def load_kernels() -> ModuleType:
             verbose=False,
         )
     except Exception as exc:  # any failure to build means "not available here"
+        last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
         raise BackendUnavailable(
-            f"backend 'cpu' needs a C++ compiler and ninja to build its kernels ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); use backend 'torch' instead"
+            f"backend 'cpu' could not build its kernels with the C++ compiler {compiler!r} "
+            f"({type(exc).__name__}: {last_line}); use backend 'torch' instead"
         ) from exc
     log.info("cpu kernels ready in %.1f s", time.perf_counter() - start)
     return module

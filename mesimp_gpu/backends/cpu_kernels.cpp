@@ -31,7 +31,14 @@
 #include <functional>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
 
 namespace {
 
@@ -74,6 +81,45 @@ inline Vec<T> load(const T* p) {
   Vec<T> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+template <typename T>
+inline void store(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// A large output written once (dW of a wide layer) goes around the caches: one memory write per line
+// instead of a read for ownership plus a write, and the caches keep x and W.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// Whether rows of row_bytes starting at base (total_bytes in all) take streaming stores.
+inline bool streamable(const void* base, int64_t row_bytes, int64_t total_bytes) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<uintptr_t>(base) % 64 == 0 && row_bytes % 64 == 0 && total_bytes >= kStreamBytes;
+#else
+  return false;
+#endif
+}
+
+// Store of one vector to a 64-byte-aligned address, bypassing the caches where AVX-512 is available.
+template <typename T>
+inline void store_stream(T* p, const Vec<T>& v) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, (__m512)v);
+  } else {
+    _mm512_stream_pd(p, (__m512d)v);
+  }
+#else
+  store(p, v);
+#endif
+}
+
+// Orders a task's streaming stores before the thread pool's barrier publishes them.
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
 }
 
 // Scratch of one selection call, reused across the rows a thread handles.
@@ -213,7 +259,7 @@ Buckets<T> bucket_by_column(const T* g, const int64_t* idx, int64_t rows, int64_
 // out[0:len] = sum_t coef[t] * src[rows[t] * stride + 0:len], accumulated in registers so that each
 // output element is stored once. Even and odd terms go to separate accumulators (summed at the end)
 // so that two independent FMA chains hide the FMA latency; the order of every sum is fixed.
-template <typename T>
+template <typename T, bool Stream>
 inline void weighted_row_sum(const T* src, int64_t stride, const int64_t* rows, const T* coef, int64_t terms,
                              int64_t len, T* out) {
   constexpr int64_t L = kLanes<T>;
@@ -246,10 +292,17 @@ inline void weighted_row_sum(const T* src, int64_t stride, const int64_t* rows, 
     a1 += b1;
     a2 += b2;
     a3 += b3;
-    std::memcpy(out + i0, &a0, sizeof(a0));
-    std::memcpy(out + i0 + L, &a1, sizeof(a1));
-    std::memcpy(out + i0 + 2 * L, &a2, sizeof(a2));
-    std::memcpy(out + i0 + 3 * L, &a3, sizeof(a3));
+    if constexpr (Stream) {
+      store_stream(out + i0, a0);
+      store_stream(out + i0 + L, a1);
+      store_stream(out + i0 + 2 * L, a2);
+      store_stream(out + i0 + 3 * L, a3);
+    } else {
+      store(out + i0, a0);
+      store(out + i0 + L, a1);
+      store(out + i0 + 2 * L, a2);
+      store(out + i0 + 3 * L, a3);
+    }
   }
   for (; i0 + L <= len; i0 += L) {
     Vec<T> a = {}, b = {};
@@ -259,7 +312,11 @@ inline void weighted_row_sum(const T* src, int64_t stride, const int64_t* rows, 
     }
     if (pairs < terms) a += coef[pairs] * load(src + rows[pairs] * stride + i0);
     a += b;
-    std::memcpy(out + i0, &a, sizeof(a));
+    if constexpr (Stream) {
+      store_stream(out + i0, a);
+    } else {
+      store(out + i0, a);
+    }
   }
   if (i0 < len) {  // fewer than one vector of columns left
     T a[L] = {};
@@ -285,18 +342,84 @@ void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* cols = idx + b * k;
       for (int64_t t = 0; t < k; ++t) coef[t] = g[b * n_out + cols[t]];
-      weighted_row_sum(w, n_in, cols, coef.data(), k, n_in, dx + b * n_in);
+      weighted_row_sum<T, false>(w, n_in, cols, coef.data(), k, n_in, dx + b * n_in);
     }
   });
   const int64_t per_row = std::max<int64_t>(1, rows * k / std::max<int64_t>(1, n_out)) * n_in;
   const int64_t grain_dw = std::max<int64_t>(1, 32768 / per_row);
+  const bool stream = streamable(dw, n_in * sizeof(T), n_out * n_in * sizeof(T));
   at::parallel_for(0, n_out, grain_dw, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t p0 = bk.start[j], p1 = bk.start[j + 1];
-      weighted_row_sum(x, n_in, bk.example.data() + p0, bk.value.data() + p0, p1 - p0, n_in, dw + j * n_in);
+      const int64_t* ex = bk.example.data() + p0;
+      const T* val = bk.value.data() + p0;
+      if (stream) {
+        weighted_row_sum<T, true>(x, n_in, ex, val, p1 - p0, n_in, dw + j * n_in);
+      } else {
+        weighted_row_sum<T, false>(x, n_in, ex, val, p1 - p0, n_in, dw + j * n_in);
+      }
     }
+    if (stream) stream_fence();
   });
 }
+
+// Recycled buffers for dW. A fresh [out, in] tensor of many MiB costs more in page faults (the
+// kernel zeroes every 4 KiB page on first touch) than the sparse products themselves; in training,
+// dW lives until the next zero_grad, so a few buffers per size are reused from step to step and
+// never fault again. Buffers are 2 MiB-aligned and advised for transparent huge pages, so even the
+// first use faults once per 2 MiB. Every element of a dW is written by the kernel before use.
+class BufferPool {
+ public:
+  static constexpr size_t kMinBytes = size_t(1) << 20;  // smaller tensors come from the allocator
+  static constexpr size_t kAlign = size_t(2) << 20;
+  static constexpr size_t kPerSize = 4;  // buffers kept per byte size
+  static constexpr size_t kMaxBytes = size_t(1) << 30;  // total kept
+
+  static BufferPool& instance() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: deleters may run at exit
+    return *pool;
+  }
+
+  // An uninitialised contiguous tensor of `sizes` whose storage comes back here when freed.
+  torch::Tensor empty(at::IntArrayRef sizes, const torch::TensorOptions& options) {
+    const size_t bytes = c10::multiply_integers(sizes) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+    if (bytes < kMinBytes) return torch::empty(sizes, options);
+    void* ptr = take(bytes);
+    if (ptr == nullptr) {
+      TORCH_CHECK(posix_memalign(&ptr, kAlign, bytes) == 0, "out of memory allocating ", bytes, " bytes");
+      madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: ignored where THP is off
+    }
+    return torch::from_blob(ptr, sizes, [bytes](void* p) { BufferPool::instance().give(p, bytes); }, options);
+  }
+
+ private:
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = free_.find(bytes);
+    if (it == free_.end() || it->second.empty()) return nullptr;
+    void* p = it->second.back();
+    it->second.pop_back();
+    kept_ -= bytes;
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto& list = free_[bytes];
+      if (list.size() < kPerSize && kept_ + bytes <= kMaxBytes) {
+        list.push_back(p);
+        kept_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  std::mutex mutex_;
+  std::map<size_t, std::vector<void*>> free_;
+  size_t kept_ = 0;
+};
 
 void check_inputs(const torch::Tensor& g, const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(g.dim() == 2 && x.dim() == 2 && w.dim() == 2, "g, x, weight must be 2-D");
@@ -336,7 +459,7 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_backward(const torch::Tensor& g,
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == g.size(0) && idx.scalar_type() == torch::kLong && idx.is_contiguous(),
               "idx must be a contiguous int64 [B, k] tensor");
   auto dx = torch::empty_like(x);
-  auto dw = torch::empty_like(w);
+  auto dw = BufferPool::instance().empty(w.sizes(), w.options());
   int64_t* h = hits_ptr(hits, w.size(0));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_backward", [&] {
     sparse_products(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
@@ -364,21 +487,29 @@ torch::Tensor scatter_rows(const torch::Tensor& src, const torch::Tensor& cols, 
                   cols.scalar_type() == torch::kLong,
               "src must be contiguous [k, in] and cols int64 [k]");
   const int64_t n_in = src.size(1);
-  auto out = torch::empty({n_out, n_in}, src.options());
+  auto out = BufferPool::instance().empty({n_out, n_in}, src.options());
   std::vector<int64_t> source(n_out, -1);
   const int64_t* c = cols.data_ptr<int64_t>();
   for (int64_t t = 0; t < cols.size(0); ++t) source[c[t]] = t;
   AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "scatter_rows", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const bool stream = streamable(o, n_in * sizeof(scalar_t), n_out * n_in * sizeof(scalar_t));
     at::parallel_for(0, n_out, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, n_in)), [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j) {
-        if (source[j] >= 0) {
-          std::memcpy(o + j * n_in, s + source[j] * n_in, n_in * sizeof(scalar_t));
+        scalar_t* row = o + j * n_in;
+        const scalar_t* from = source[j] >= 0 ? s + source[j] * n_in : nullptr;
+        if (stream) {  // n_in is a whole number of vectors here
+          for (int64_t i = 0; i < n_in; i += kLanes<scalar_t>) {
+            store_stream(row + i, from != nullptr ? load(from + i) : Vec<scalar_t>{});
+          }
+        } else if (from != nullptr) {
+          std::memcpy(row, from, n_in * sizeof(scalar_t));
         } else {
-          std::memset(o + j * n_in, 0, n_in * sizeof(scalar_t));
+          std::memset(row, 0, n_in * sizeof(scalar_t));
         }
       }
+      if (stream) stream_fence();
     });
   });
   return out;
