@@ -126,6 +126,12 @@ def test_results_do_not_depend_on_thread_count(cpu, seed):
         assert torch.equal(a, b)
 
 
+def test_out_of_range_indices_are_rejected(cpu):
+    g, x, w = torch.randn(2, 6), torch.randn(2, 3), torch.randn(6, 3)
+    with pytest.raises(RuntimeError, match="outside"):
+        cpu.sparse_backward(g, torch.tensor([[0, 6], [1, 2]]), x, w)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_gradient_is_rejected(cpu, bad):
     g = torch.randn(4, 30)

@@ -23,22 +23,21 @@
 #include <immintrin.h>
 #endif
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <atomic>
-#include <cstdint>
-#include <cstring>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <vector>
-
-#include <sys/mman.h>
-
-#include <cstdlib>
-#include <map>
-#include <mutex>
 
 namespace {
 
@@ -458,6 +457,11 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_backward(const torch::Tensor& g,
   check_inputs(g, x, w);
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == g.size(0) && idx.scalar_type() == torch::kLong && idx.is_contiguous(),
               "idx must be a contiguous int64 [B, k] tensor");
+  if (idx.numel() > 0) {  // the buckets index by column: an out-of-range column would write out of bounds
+    auto [lo, hi] = idx.aminmax();
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < w.size(0), "idx holds a column outside [0, ",
+                w.size(0), ")");
+  }
   auto dx = torch::empty_like(x);
   auto dw = BufferPool::instance().empty(w.sizes(), w.options());
   int64_t* h = hits_ptr(hits, w.size(0));
