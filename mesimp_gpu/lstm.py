@@ -203,7 +203,6 @@ class MePropLSTMFunction(torch.autograd.Function):
         dz_all = x.new_zeros(steps, batch, GATES * hidden)
         kept = GATES * config.k if per_gate else config.k
         idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
-        every = torch.arange(GATES * hidden, device=x.device).unsqueeze(0)  # (1, 4H): the dense "selection"
         dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
         dc = x.new_zeros(batch, hidden)
         order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
@@ -222,7 +221,8 @@ class MePropLSTMFunction(torch.autograd.Function):
             if dense:
                 dh_rec = dz @ weight_hh  # dW_h: one GEMM over all steps after the loop
                 if hits is not None and config.nonzero_hits:
-                    record_hits(hits, every.expand(batch, -1), mask[t], ctx.counting, dz)
+                    every = torch.arange(GATES * hidden, device=x.device).expand(batch, -1)  # dense "selection"
+                    record_hits(hits, every, mask[t], ctx.counting, dz)
             else:
                 idx = select_gate_entries(dz, config, ctx.selection, backend)
                 idx_all[t] = idx
@@ -233,9 +233,8 @@ class MePropLSTMFunction(torch.autograd.Function):
             dh = torch.where(m, dh_rec, dh)
             dc = torch.where(m, dc_total * f, dc)
 
-        valid_rows = int(mask.sum())
         if hits is not None and dense and not config.nonzero_hits:  # every unit of every real row is hit
-            hits += valid_rows * (GATES if ctx.counting is HitCounting.EACH_GATE else 1)
+            hits += int(mask.sum()) * (GATES if ctx.counting is HitCounting.EACH_GATE else 1)
         dz_flat = dz_all.view(steps * batch, GATES * hidden)
         x_flat = x.reshape(steps * batch, -1)
         h_prev_flat = h_prev_all.view(steps * batch, hidden)
