@@ -337,3 +337,17 @@ def test_mesimp_prune_uses_hit_threshold() -> None:
     assert lstm.mesimp_prune_(0.1, head) == [3]  # floor(40 * 0.1) = 4: units with >= 4 hits (0, 3, 4) stay
     torch.testing.assert_close(head.weight.detach(), kept_rows)
     assert d.hits.tolist() == [0, 0, 0] and d.refer == 0
+
+
+def test_mesimp_prune_bidirectional_sizes_differ() -> None:
+    lstm = MePropLSTM(2, 4, MePropConfig(k=1), bidirectional=True, track_hits=True)
+    head = nn.Linear(8, 3)
+    forward, backward = lstm.directions
+    forward.hits.copy_(torch.tensor([5, 5, 0, 5]))
+    backward.hits.copy_(torch.tensor([0, 9, 0, 0]))
+    forward.refer = backward.refer = 10
+    expected = head.weight[:, [0, 1, 3, 5]].detach().clone()  # backward block starts at column 4
+    assert lstm.mesimp_prune_(0.2, head) == [3, 1]
+    assert lstm.output_size == head.in_features == 4
+    torch.testing.assert_close(head.weight.detach(), expected)
+    assert lstm(torch.randn(2, 3, 2)).shape == (2, 3, 4)
