@@ -2,21 +2,27 @@
 
 Per-example meProp runs as one call that selects, counts meSimp hits and computes both products:
 
-- selection: a threshold selection per row in O(n) (chunk maxima bound the k-th largest magnitude
-  from below, ``nth_element`` over the few candidates finds it exactly), ties to the lower column;
+- selection: a threshold selection per row in O(n) on the magnitudes' bit patterns (the maxima of
+  ``k`` strided groups bound the k-th largest magnitude from below, ``nth_element`` over the few
+  candidates finds it exactly), ties to the lower column; NaN/inf are detected in the same pass;
 - ``dx = G_k @ W``: one task per example, a weighted sum of its ``k`` rows of ``W``;
 - ``dW = G_k.T @ x``: the kept ``(example, value)`` pairs are bucketed by column, and one task per
   output row sums its bucket's rows of ``x``. Every row of ``dW`` is written by one thread in a fixed
   order, so ``dW`` is bit-identical for any thread count.
 
-Both loops run on torch's intra-op thread pool (``torch.get_num_threads()``). The kernel is compiled
+Both loops run on torch's intra-op thread pool (``torch.get_num_threads()``). A ``dW`` of 1 MiB or
+more comes from a small pool of recycled, huge-page-advised buffers (a fresh one costs more in page
+faults than the sparse products), and from 8 MiB on it is written with streaming stores.
+
+The module also holds the in-place row updates of :mod:`mesimp_gpu.lazy_optim`. The kernel is compiled
 with ``-O3 -march=native`` by :func:`torch.utils.cpp_extension.load_inline` into the torch extensions
 directory (``TORCH_EXTENSIONS_DIR``); its name carries a hash of the source and of the CPU's feature
 flags, so a cache shared between machines never loads code built for another CPU. Without a working
 compiler (or ninja) the constructor raises :class:`BackendUnavailable`, which ``auto`` logs before
 falling back to the ``torch`` backend.
 
-Unified top-k runs its two reduced products as BLAS GEMMs (``torch.mm``) on ``G[:, S]`` and ``W[S]``.
+Unified top-k runs its two reduced products as BLAS GEMMs (``torch.mm``) on ``G[:, S]`` and ``W[S]``
+and writes ``dW`` row by row (the ``k`` products, zeros elsewhere) without a dense scatter of ``G``.
 Tensors the kernel does not handle (other devices, half precision) go to the ``torch`` backend.
 """
 
