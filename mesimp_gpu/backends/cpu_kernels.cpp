@@ -128,6 +128,8 @@ struct SelectScratch {
   std::vector<typename Bits<T>::key> group_max;  // (k,) maximum key of each group
   std::vector<typename Bits<T>::key> cand_keys;  // (<= n,) keys of the candidates, reordered by nth_element
   std::vector<int32_t> cand;  // (<= n + 16,) candidate columns, ascending (slack for full-vector stores)
+
+  SelectScratch(int64_t n, int64_t k) : keys(n), group_max(k), cand_keys(n), cand(n + 16) {}
 };
 
 // Columns j < n with keys[j] >= lower, ascending, into cand; returns their count.
@@ -211,11 +213,7 @@ bool select_rows(const T* g, int64_t rows, int64_t n, int64_t k, int64_t* idx) {
   std::atomic<bool> finite{true};
   const int64_t grain = std::max<int64_t>(1, 4096 / n);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    SelectScratch<T> s;
-    s.keys.resize(n);
-    s.group_max.resize(k);
-    s.cand_keys.resize(n);
-    s.cand.resize(n + 16);
+    SelectScratch<T> s(n, k);
     for (int64_t b = begin; b < end; ++b) {
       if (!select_row(g + b * n, n, k, idx + b * k, s)) finite = false;
     }
@@ -329,25 +327,24 @@ inline void weighted_row_sum(const T* src, int64_t stride, const int64_t* rows, 
   }
 }
 
-// dx = G_k @ w (one task per example) and dW = G_k.T @ x (one task per output row).
+// One row of dx = G_k @ w: dx_row = sum_t g_row[cols[t]] * w[cols[t]]; coef is scratch of k entries.
 template <typename T>
-void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int64_t rows, int64_t n_out,
-                     int64_t n_in, int64_t k, int64_t* hits, T* dx, T* dw) {
-  Buckets<T> bk = bucket_by_column(g, idx, rows, n_out, k, hits);
-  // ~32k multiply-adds per task keep the OpenMP fork worth its cost
-  const int64_t grain_dx = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k * n_in));
-  at::parallel_for(0, rows, grain_dx, [&](int64_t begin, int64_t end) {
-    std::vector<T> coef(k);
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t* cols = idx + b * k;
-      for (int64_t t = 0; t < k; ++t) coef[t] = g[b * n_out + cols[t]];
-      weighted_row_sum<T, false>(w, n_in, cols, coef.data(), k, n_in, dx + b * n_in);
-    }
-  });
+inline void dx_row(const T* g_row, const int64_t* cols, int64_t k, const T* w, int64_t n_in, T* coef, T* out) {
+  for (int64_t t = 0; t < k; ++t) coef[t] = g_row[cols[t]];
+  weighted_row_sum<T, false>(w, n_in, cols, coef, k, n_in, out);
+}
+
+// ~32k multiply-adds per task keep the OpenMP fork worth its cost.
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, work_per_item));
+}
+
+// dW = G_k.T @ x from the buckets, one task per output row (written whole, zeros if untouched).
+template <typename T>
+void dw_rows(const Buckets<T>& bk, const T* x, int64_t rows, int64_t n_out, int64_t n_in, int64_t k, T* dw) {
   const int64_t per_row = std::max<int64_t>(1, rows * k / std::max<int64_t>(1, n_out)) * n_in;
-  const int64_t grain_dw = std::max<int64_t>(1, 32768 / per_row);
   const bool stream = streamable(dw, n_in * sizeof(T), n_out * n_in * sizeof(T));
-  at::parallel_for(0, n_out, grain_dw, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_out, grain_for(per_row), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t p0 = bk.start[j], p1 = bk.start[j + 1];
       const int64_t* ex = bk.example.data() + p0;
@@ -360,6 +357,40 @@ void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int
     }
     if (stream) stream_fence();
   });
+}
+
+// dx = G_k @ w (one task per example) and dW = G_k.T @ x (one task per output row) for given idx.
+template <typename T>
+void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int64_t rows, int64_t n_out,
+                     int64_t n_in, int64_t k, int64_t* hits, T* dx, T* dw) {
+  const Buckets<T> bk = bucket_by_column(g, idx, rows, n_out, k, hits);
+  at::parallel_for(0, rows, grain_for(k * n_in), [&](int64_t begin, int64_t end) {
+    std::vector<T> coef(k);
+    for (int64_t b = begin; b < end; ++b) dx_row(g + b * n_out, idx + b * k, k, w, n_in, coef.data(), dx + b * n_in);
+  });
+  dw_rows(bk, x, rows, n_out, n_in, k, dw);
+}
+
+// Selection, hits and both products: each example's row of dx is computed right after its
+// selection, while its gradient row is in cache. Returns false (and computes no dW) if g is non-finite.
+template <typename T>
+bool topk_products(const T* g, const T* x, const T* w, int64_t rows, int64_t n_out, int64_t n_in, int64_t k,
+                   int64_t* idx, int64_t* hits, T* dx, T* dw) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, rows, grain_for(k * n_in + n_out), [&](int64_t begin, int64_t end) {
+    SelectScratch<T> s(n_out, k);
+    std::vector<T> coef(k);
+    for (int64_t b = begin; b < end; ++b) {
+      if (!select_row(g + b * n_out, n_out, k, idx + b * k, s)) {
+        finite = false;
+        return;
+      }
+      dx_row(g + b * n_out, idx + b * k, k, w, n_in, coef.data(), dx + b * n_in);
+    }
+  });
+  if (!finite) return false;
+  dw_rows(bucket_by_column(g, idx, rows, n_out, k, hits), x, rows, n_out, n_in, k, dw);
+  return true;
 }
 
 // Recycled buffers for dW. A fresh [out, in] tensor of many MiB costs more in page faults (the
@@ -472,16 +503,23 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_backward(const torch::Tensor& g,
   return {dx, dw};
 }
 
-// Selection, hits and both products in one call -> (dx, dW, idx, finite flag). Nothing is
-// computed past the selection when a row is non-finite.
+// Selection, hits and both products in one call -> (dx, dW, idx, finite flag). When g is
+// non-finite, dx, dW and idx are unspecified and hits is unchanged.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> topk_backward(const torch::Tensor& g, const torch::Tensor& x,
                                                                             const torch::Tensor& w, int64_t k,
                                                                             const c10::optional<torch::Tensor>& hits) {
   check_inputs(g, x, w);
-  auto [idx, finite] = topk_indices(g, k);
-  if (!finite) return {torch::Tensor(), torch::Tensor(), idx, false};
-  auto [dx, dw] = sparse_backward(g, idx, x, w, hits);
-  return {dx, dw, idx, true};
+  TORCH_CHECK(k >= 1 && k <= g.size(1), "k must lie in [1, ", g.size(1), "], got ", k);
+  auto idx = torch::empty({g.size(0), k}, g.options().dtype(torch::kLong));
+  auto dx = torch::empty_like(x);
+  auto dw = BufferPool::instance().empty(w.sizes(), w.options());
+  int64_t* h = hits_ptr(hits, w.size(0));
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "topk_backward", [&] {
+    finite = topk_products(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g.size(0), w.size(0),
+                           w.size(1), k, idx.data_ptr<int64_t>(), h, dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+  });
+  return {dx, dw, idx, finite};
 }
 
 // dW [n_out, in] with rows[cols[t]] = src[t] and zeros elsewhere, each row written once in parallel
