@@ -156,3 +156,10 @@ def test_leading_dimensions_are_flattened() -> None:
     mask = topk_mask(g.reshape(6, 7), 2)
     expected = torch.where(mask, g.reshape(6, 7), 0) @ layer.weight.detach()
     torch.testing.assert_close(x.grad.reshape(6, 5), expected)
+
+
+def test_overflowing_but_finite_gradient_is_accepted() -> None:
+    layer = MePropLinear(3, 4, MePropConfig(MePropMode.UNIFIED, 2, "torch"))
+    g = torch.full((2, 4), 3e38)  # every entry finite, the sum overflows
+    layer(torch.randn(2, 3)).backward(g)
+    assert bool(torch.isfinite(layer.weight.grad).all())
