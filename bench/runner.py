@@ -20,7 +20,7 @@ import torch
 
 from mesimp_gpu.bench.calibrate import add_hardware_fractions, calibrate
 from mesimp_gpu.bench.common import available_backends
-from mesimp_gpu.bench.config import BenchConfig, Suite
+from mesimp_gpu.bench.config import BenchConfig, Suite, all_cores
 from mesimp_gpu.bench.layer import run_layer_suite
 from mesimp_gpu.bench.report import draw_plots, plot_links, render
 from mesimp_gpu.bench.timing import clock_for
@@ -68,6 +68,11 @@ def notes_for(config: BenchConfig, device: torch.device) -> list[str]:
     if Suite.TRAIN in config.suites:
         notes.append(f"train suite: first {config.train_limit} MNIST training images, {config.train_epochs} epoch(s) "
                      "per method; full-epoch times are extrapolated and accuracies are those of this short run")
+    load, cores = os.getloadavg()[0], all_cores()
+    if device.type == "cpu" and config.thread_count > 1 and load > cores:
+        notes.append(f"the machine was busy (load average {load:.1f} on {cores} cores): with {config.thread_count} "
+                     "threads every parallel region can wait for a descheduled worker, which inflates the times of "
+                     "small operations; --threads 1 avoids that")
     if config.quick:
         notes.append("--quick preset: a reduced grid and few repeats; for a smoke test, not for reporting")
     return notes
