@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 
 from mesimp_gpu.bench.config import Pass, Provider, Suite
 from mesimp_gpu.plots import save_figure
@@ -48,6 +49,14 @@ def suite_rows(doc: dict[str, Any], suite: Suite) -> list[Row]:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3g}"
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the unit that keeps 1 to 3 digits before the point: µs, ms or s."""
+    for unit, scale in (("µs", 1e6), ("ms", 1e3)):
+        if seconds * scale < 1000:
+            return f"{seconds * scale:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 def marked(r: Row, text: str) -> str:
@@ -107,7 +116,7 @@ def topk_section(doc: dict[str, Any]) -> str:
     by_shape: dict[tuple[int, int, int], dict[str, str]] = {}
     for r in rows:
         by_shape.setdefault((r["batch"], r["width"], r["k"]), {})[r["label"]] = marked(
-            r, f"{r['median_s'] * 1e6:.3g} µs, {r['speedup']:.2f}x, {r['bandwidth_gbs']:.3g} GB/s")
+            r, f"{duration(r['median_s'])}, {r['speedup']:.2f}x, {r['bandwidth_gbs']:.3g} GB/s")
     body = [[b, n, k, *[cells.get(p, "") for p in providers]] for (b, n, k), cells in sorted(by_shape.items())]
     return "\n".join(["## Top-k selection: time, speedup over torch.topk, bytes of G read per second", "",
                       markdown_table(["B", "n", "k", *providers], body)])
@@ -188,26 +197,43 @@ def plot_paths(json_path: str | Path, doc: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
+#: line colour per provider and line style per backend (in order of appearance), so that the
+#: selection rule and the implementation can be told apart
+PROVIDER_COLOURS = {Provider.TOPK.value: "tab:red", Provider.UNIFIED.value: "tab:blue",
+                    Provider.RANDOM.value: "tab:green", Provider.PRIOR_SCATTER.value: "tab:gray",
+                    Provider.PRIOR_SPARSE.value: "black"}
+BACKEND_STYLES = ("-", "--", ":", "-.")
+
+
 def plot_layer(rows: Sequence[Row], mode: Pass, path: Path, title: str) -> None:
     """Speedup over dense against k/n: one panel per (batch, width), one line per provider."""
     timed = [r for r in rows if r.get("pass") == mode.value and r["status"] == "ok"
              and r["provider"] != Provider.DENSE.value]
-    batches = sorted({r["batch"] for r in timed})
-    widths = sorted({r["width"] for r in timed})
     if not timed:
         return
+    skipped = {(r["batch"], r["width"]): r["reason"] for r in rows if r["status"] == "skipped" and r.get("k") is None}
+    batches = sorted({r["batch"] for r in rows})
+    widths = sorted({r["width"] for r in rows})
+    backends = list(dict.fromkeys(r["backend"] for r in timed if r["backend"]))
     fig, axes = plt.subplots(len(batches), len(widths), figsize=(4.2 * len(widths), 3.4 * len(batches)),
                              squeeze=False, sharey=True)
     for i, batch in enumerate(batches):
         for j, width in enumerate(widths):
             ax = axes[i][j]
             for name in labels_in_order(timed):
-                pts = sorted((r["k_fraction"], r["speedup"]) for r in timed
-                             if r["label"] == name and r["batch"] == batch and r["width"] == width)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=name)
+                mine = [r for r in timed if r["label"] == name and r["batch"] == batch and r["width"] == width]
+                if mine:
+                    style = BACKEND_STYLES[backends.index(mine[0]["backend"]) % 4] if mine[0]["backend"] else ":"
+                    ax.plot(*zip(*sorted((r["k_fraction"], r["speedup"]) for r in mine)), marker="o", label=name,
+                            color=PROVIDER_COLOURS.get(mine[0]["provider"]), linestyle=style)
+            ax.set_title(f"B={batch}, n={width}")
+            if (batch, width) in skipped:
+                ax.text(0.5, 0.5, "skipped\n(see the results file)", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
             ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set(xscale="log", yscale="log", title=f"B={batch}, n={width}", xlabel="k / n")
+            ax.set(xscale="log", yscale="log", xlabel="k / n")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
             if j == 0:
                 ax.set_ylabel("speedup over dense")
             ax.grid(alpha=0.3, which="both")
