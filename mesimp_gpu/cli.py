@@ -103,6 +103,8 @@ def train_mnist_command(
                                            "of the final sizes from scratch with the same budget and report both."),
     seed: int = typer.Option(_DEFAULT.seed, help="Random seed: same seed, same run."),
     device: str = typer.Option(_DEFAULT.device, help="cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(_DEFAULT.threads, help="torch CPU threads (default: torch's choice; 1 "
+                                          "gives steadier timings on a busy machine)."),
     backend: str = typer.Option(_DEFAULT.backend, callback=check_backend,
                                 help=f"meProp kernels: {', '.join(BACKEND_NAMES)}."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (raw or .gz). Default: "
@@ -126,7 +128,7 @@ def train_mnist_command(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, grad_sum=grad_sum, chunks=chunks,
             prune=prune, cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits,
-            compare_same_size=compare_same_size, seed=seed, device=device, backend=backend,
+            compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
         )
         if preset is not None:  # the preset fills every option the user did not give

@@ -291,7 +291,7 @@ def test_paper_preset_is_the_reference() -> None:
 def test_cli_run_with_preset_overrides_then_evaluate(tmp_path: Path, mnist_dir: Path) -> None:
     args = ["train", "mnist", "--preset", "paper", "--k", "6", "--hidden", "24", "--epochs", "2", "--cycle", "1",
             "--chunks", "2", "--limit", "300", "--batch-size", "30", "--data-dir", str(mnist_dir), "--out",
-            str(tmp_path), "--no-progress", "--backend", "torch"]
+            str(tmp_path), "--no-progress", "--backend", "torch", "--threads", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "hidden sizes" in result.output, "each prune step prints the sizes"
@@ -311,6 +311,7 @@ def test_cli_run_with_preset_overrides_then_evaluate(tmp_path: Path, mnist_dir: 
         (["--prune", "-0.5"], "--prune must be in [0, 1)"),
         (["--cycle", "-1"], "--cycle must be at least 0"),
         (["--reset-moments", "sometimes"], "sometimes"),
+        (["--threads", "0"], "--threads must be at least 1"),
         (["--hidden-sizes", "300,x"], "--hidden-sizes must be comma-separated integers"),
         (["--hidden-sizes", "300,0"], "--hidden-sizes must be positive"),
         (["--method", "dense", "--compare-same-size"], "--compare-same-size needs --method mesimp"),

@@ -93,6 +93,7 @@ class MnistConfig:
     compare_same_size: bool = False  # meSimp: then train a dense MLP of the final sizes from scratch
     seed: int = 1  # seeds initialisation, shuffling and random selection
     device: str = "cpu"  # cpu, cuda or cuda:N
+    threads: int | None = None  # torch CPU threads; None keeps torch's default
     backend: str = "auto"  # meProp backend, see mesimp_gpu.backends
     data_dir: str | None = None  # MNIST folder; default: MESIMP_DATA_DIR, cache, download
     out: str = "runs/mnist"  # folder for results.json, checkpoint.pt and plots
@@ -113,8 +114,9 @@ class MnistConfig:
             raise ValueError(f"--cycle must be at least 0, got {self.cycle}")
         if self.compare_same_size and self.method is not Method.MESIMP:
             raise ValueError("--compare-same-size needs --method mesimp (it compares with the simplified sizes)")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        for name, value in (("limit", self.limit), ("threads", self.threads)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be at least 1, got {value}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.clip is not None and self.clip <= 0:
@@ -157,7 +159,7 @@ def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
 
 
 #: settings that may differ between a run and its resumption (a run folder may be moved, too)
-RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "data_dir", "out", "compare_same_size"}
+RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "threads", "data_dir", "out", "compare_same_size"}
 
 
 class ChunkHook(Protocol):
@@ -181,6 +183,8 @@ class MnistTrainer:
     def __init__(self, config: MnistConfig, data: Mnist | None = None, hooks: tuple[ChunkHook, ...] = ()) -> None:
         self.config = config
         self.device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         get_backend(config.backend, self.device)  # fail now, not in the first backward pass
         self.out = Path(config.out)
         data = subset(data or load_mnist(config.data_dir), config.limit)
