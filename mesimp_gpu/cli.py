@@ -137,7 +137,7 @@ def train_mnist_command(
         results = train_mnist(config, resume=resume)
     typer.echo(summary_table(results))
     typer.echo(f"test accuracy {results['final']['test_acc_at_best_dev']:.2f}% | results in {out / 'results.json'}, "
-               f"model in {out / 'model.json'}")
+               f"model (at the best dev score) in {out / 'model.json'}")
 
 
 @app.command("evaluate")

@@ -17,6 +17,7 @@ from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prune_step_, 
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.models.mlp import MLP, load_mlp, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer
+from mesimp_gpu.train.common import accuracy
 from mesimp_gpu.train.mnist import Method, MnistConfig, Preset, mnist_config, train_mnist
 
 runner = CliRunner()
@@ -234,7 +235,11 @@ def test_schedule_prunes_in_even_cycles_and_resets_moments(tmp_path: Path, mnist
     assert final["sizes"] == sizes[-1] and final["parameters_final"] < final["parameters_initial"]
     assert final["kept_mean"] == sum(final["kept"]) / 2
     assert (tmp_path / "hidden_sizes.png").stat().st_size > 0 and (tmp_path / "dev_accuracy.png").stat().st_size > 0
-    assert load_mlp(tmp_path).sizes == final["sizes"]
+    best = next(h for h in history if h["dev_acc"] == final["best_dev_acc"])
+    saved = load_mlp(tmp_path)
+    assert saved.sizes == best["sizes"], "the saved model is the one at the best dev score"
+    test = mnist.test.head(100)  # the test subset of limit=300
+    assert accuracy(saved, test.images, test.labels) == final["test_acc_at_best_dev"]
 
 
 def test_schedule_without_moment_resets(tmp_path: Path, mnist) -> None:

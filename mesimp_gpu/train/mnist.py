@@ -8,7 +8,8 @@ uninterrupted run.
 
 meSimp (the default method) adds the prune schedule of :mod:`mesimp_gpu.mesimp` as a chunk hook:
 a prune step after each chunk of the pruning cycles, before that chunk's evaluation. The shrunk
-network is checkpointed with its new shape and saved as ``model.json`` + ``model.pt`` at the end.
+network is checkpointed with its new shape. Whenever dev improves, the model is saved as
+``model.json`` + ``model.pt``, so the saved model is the one whose test score is reported.
 With ``compare_same_size`` a dense MLP of the final simplified sizes is then trained from scratch
 with the same settings (in ``out/same-size``), the paper's comparison.
 """
@@ -250,6 +251,7 @@ class MnistTrainer:
         if self.best.improved(dev):
             test = accuracy(self.model, self.test.images, self.test.labels)
             self.best.update(dev, test, self.step)
+            save_mlp(self.model, self.out)  # the reported model: the one at the best dev score
         record = {"epoch": epoch, "chunk": chunk, "step": self.step, "train_loss": loss, "dev_acc": dev,
                   "test_acc": test, "sizes": self.model.sizes, **extra}
         self.history.append(record)
@@ -290,7 +292,6 @@ class MnistTrainer:
                        f"best dev {self.best.best_dev:.2f} (test {self.best.test_at_best:.2f})")
         results = self.results(final=True)
         write_json(self.out / "results.json", results)
-        save_mlp(self.model, self.out)
         plot_history(self.history, self.out / "curves.png", title=f"MNIST, {c.method.value}")
         return results
 
