@@ -238,6 +238,7 @@ def test_schedule_prunes_in_even_cycles_and_resets_moments(tmp_path: Path, mnist
     best = next(h for h in history if h["dev_acc"] == final["best_dev_acc"])
     saved = load_mlp(tmp_path)
     assert saved.sizes == best["sizes"], "the saved model is the one at the best dev score"
+    assert final["kept_at_best_dev"] == best["sizes"][1:-1]
     test = mnist.test.head(100)  # the test subset of limit=300
     assert accuracy(saved, test.images, test.labels) == final["test_acc_at_best_dev"]
 
@@ -300,7 +301,7 @@ def test_cli_run_with_preset_overrides_then_evaluate(tmp_path: Path, mnist_dir: 
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "hidden sizes" in result.output, "each prune step prints the sizes"
-    assert "mean kept" in result.output and "params before" in result.output, "the summary table"
+    assert "kept at best" in result.output and "params before" in result.output, "the summary table"
     config = json.loads((tmp_path / "results.json").read_text())["config"]
     assert (config["k"], config["epochs"], config["cycle"]) == (6, 2, 1), "explicit options win"
     assert (config["prune"], config["method"], config["lr"]) == (0.1, "mesimp", 1e-3), "the rest is the preset"

@@ -300,6 +300,8 @@ class MnistTrainer:
         phases = ("forward", "backward", "update")
         per_epoch = {p: sum(t[p] for t in self.epoch_times) / max(len(self.epoch_times), 1) for p in phases}
         kept = self.model.sizes[1:-1]
+        # meSimp keeps shrinking after the best dev score: report the size of the scored network too
+        at_best = next((r["sizes"][1:-1] for r in self.history if r["step"] == self.best.best_step), kept)
         return {
             "task": "mnist",
             "config": jsonable(self.config),
@@ -315,6 +317,8 @@ class MnistTrainer:
                 "sizes": self.model.sizes,
                 "kept": kept,
                 "kept_mean": sum(kept) / len(kept),
+                "kept_at_best_dev": at_best,
+                "kept_mean_at_best_dev": sum(at_best) / len(at_best),
                 "parameters_initial": self.initial_params,
                 "parameters_final": self.parameter_count(),
                 "mean_epoch_seconds": per_epoch,
@@ -397,16 +401,17 @@ def train_mnist(config: MnistConfig, resume: bool = False, data: Mnist | None = 
 
 
 def summary_table(results: dict[str, Any]) -> str:
-    """A plain-text table of a run (and its same-size baseline, when present): accuracy, kept sizes,
-    parameters before and after, training time."""
-    rows = [("run", "test acc", "best dev", "kept per layer", "mean kept", "params before", "params after",
-             "train s", "s/epoch")]
+    """A plain-text table of a run (and its same-size baseline, when present): accuracy, kept sizes
+    (of the network scored at the best dev score, and at the end), parameters before and after, training time."""
+    rows = [("run", "test acc", "best dev", "kept at best", "mean", "kept at end", "mean", "params before",
+             "params after", "train s", "s/epoch")]
     runs = [(results["config"]["method"], results["final"])]
     if "same_size" in results:
         runs.append(("dense same size", results["same_size"]))
     for name, final in runs:
         epoch = sum(final["mean_epoch_seconds"].values())
         rows.append((name, f"{final['test_acc_at_best_dev']:.2f}", f"{final['best_dev_acc']:.2f}",
+                     "-".join(map(str, final["kept_at_best_dev"])), f"{final['kept_mean_at_best_dev']:.1f}",
                      "-".join(map(str, final["kept"])), f"{final['kept_mean']:.1f}",
                      f"{final['parameters_initial']:,}", f"{final['parameters_final']:,}",
                      f"{final['train_seconds']:.1f}", f"{epoch:.1f}"))
