@@ -26,7 +26,7 @@ from mesimp_gpu.bench.report import draw_plots, plot_links, render
 from mesimp_gpu.bench.timing import clock_for
 from mesimp_gpu.bench.topk import run_topk_suite
 from mesimp_gpu.bench.train import run_train_suite
-from mesimp_gpu.data.mnist import Mnist
+from mesimp_gpu.data.mnist import Mnist, load_mnist
 from mesimp_gpu.io import write_json
 from mesimp_gpu.train.common import jsonable, machine_info, resolve_device
 
@@ -87,6 +87,8 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     device = resolve_device(config.device)
+    if Suite.TRAIN in config.suites and data is None:
+        data = load_mnist(config.data_dir)  # now: a missing data set should fail before minutes of timing
     created = datetime.now(timezone.utc)
     path = results_path(config, created)
     with torch_threads(config.thread_count):
@@ -117,7 +119,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             elif suite is Suite.TOPK:
                 doc["rows"] += run_topk_suite(config, device, backends, clock, log)
             else:
-                doc["rows"] += run_train_suite(config, device, log, data)
+                doc["rows"] += run_train_suite(config, device, data, log)
             write_json(path, doc)
         if "calibration" in header:
             add_hardware_fractions(doc["rows"], header["calibration"])

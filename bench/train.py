@@ -25,7 +25,7 @@ from mesimp_gpu.backends import get_backend
 from mesimp_gpu.bench.common import row
 from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
 from mesimp_gpu.bench.timing import summarize
-from mesimp_gpu.data.mnist import Mnist, load_mnist
+from mesimp_gpu.data.mnist import Mnist
 from mesimp_gpu.train.common import PHASES
 from mesimp_gpu.train.mnist import Method, MnistConfig, train_mnist
 
@@ -42,10 +42,9 @@ def methods(config: BenchConfig) -> list[tuple[Method, int]]:
     return chosen
 
 
-def run_train_suite(config: BenchConfig, device: torch.device, log: Callable[[str], None],
-                    data: Mnist | None = None) -> list[dict[str, Any]]:
+def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
+                    log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Train each method briefly, taking turns by epoch; one row per method: median epoch, phase split, accuracy."""
-    data = data or load_mnist(config.data_dir)
     backend = get_backend("auto", device).name
     finished: dict[Method, tuple[MnistConfig, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="mesimp-bench-") as tmp:
