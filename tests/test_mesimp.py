@@ -260,7 +260,7 @@ def test_resume_of_a_shrunk_run_continues_exactly(tmp_path: Path, mnist) -> None
     full = train_mnist(tiny(tmp_path / "full", epochs=3), data=mnist)
     train_mnist(tiny(tmp_path / "cut", epochs=2), data=mnist)  # cut after the fixed epoch: a full record
     checkpoint = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert checkpoint["sizes"][1:-1] != [24, 24], "the checkpoint holds the shrunk network"
+    assert checkpoint["hidden_sizes"] != [24, 24], "the checkpoint holds the shrunk network"
     assert all(refer == 300 for refer in checkpoint["refer"]), "the record of the fixed epoch travels along"
     assert int(checkpoint["model"]["layers.0.hits"].sum()) == 300 * 6
     resumed = train_mnist(tiny(tmp_path / "cut", epochs=3), resume=True, data=mnist)

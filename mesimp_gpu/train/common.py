@@ -8,7 +8,7 @@ import platform
 import random
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import Enum
@@ -17,8 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from mesimp_gpu.io import save_torch
+from mesimp_gpu.backends import get_backend
+from mesimp_gpu.io import save_torch, write_json
+from mesimp_gpu.optim import build_optimizer, clip_elementwise
 
 PHASES = ("forward", "backward", "update")
 
@@ -191,3 +194,184 @@ def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
     """Cut ``range(n)`` into ``chunks`` contiguous, nearly equal ``(start, stop)`` pieces (empty ones dropped)."""
     edges = [round(i * n / chunks) for i in range(chunks + 1)]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    """A per-epoch progress bar; it stays silent when disabled or when stderr is not a terminal
+    (a log file gets the per-epoch lines, not thousands of bar redraws)."""
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
+
+
+class Trainer:
+    """Bookkeeping every task trainer shares: device and threads, seeded model and optimizer,
+    timed update steps, best-dev tracking, checkpoints that resume exactly, and the results core.
+
+    A subclass loads its data, then calls :meth:`start`; it implements :meth:`build_model`
+    (``hidden_sizes`` None: the configured sizes) and :attr:`sizes`, and may extend
+    :meth:`architecture_state` / :meth:`restore_records` for state outside the ``state_dict``.
+    Its config needs ``device``, ``threads``, ``backend``, ``out``, ``seed``, ``optimizer``, ``lr``, ``clip``.
+    """
+
+    #: config fields that may differ between a run and its resumption
+    resumable_changes: frozenset[str] = frozenset()
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        get_backend(config.backend, self.device)  # fail now, not in the first backward pass
+        self.out = Path(config.out)
+
+    def start(self) -> None:
+        """Seed, build the model and optimizer, and reset the run's records."""
+        seed_everything(self.config.seed)
+        self.model = self.build_model(None)
+        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
+        self.timer = PhaseTimer(self.device)
+        self.best = BestTracker()
+        self.history: list[dict[str, Any]] = []
+        self.epoch_times: list[dict[str, float]] = []
+        self.position = (0, 0)  # (epoch, chunk) of the next piece to train
+        self.step = 0
+        self.initial_params = self.parameter_count()
+
+    def build_model(self, hidden_sizes: list[int] | None) -> torch.nn.Module:
+        """The model with this run's settings, on the run's device; ``hidden_sizes`` for a shrunk checkpoint."""
+        raise NotImplementedError
+
+    @property
+    def sizes(self) -> list[int]:
+        """Layer widths ``[input, hidden..., output]`` of the current (possibly shrunk) model."""
+        raise NotImplementedError
+
+    def parameter_count(self) -> int:
+        """Parameters of the current (possibly shrunk) model."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def update_step(self, compute_loss: Callable[[], torch.Tensor]) -> float:
+        """One timed step: forward (``compute_loss``), backward, element-wise clipping and the update."""
+        with self.timer.phase("forward"):
+            loss = compute_loss()
+        with self.timer.phase("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with self.timer.phase("update"):
+            clip_elementwise(self.model.parameters(), self.config.clip)
+            self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def step_postfix(self, bar: tqdm | None, loss: float) -> None:
+        """Advance the bar by one step and show the loss (and the best dev score once there is one)."""
+        if bar is None:
+            return
+        bar.update(1)
+        shown = {"loss": f"{loss:.4f}"}
+        if self.best.best_step is not None:
+            shown["best_dev"] = f"{self.best.best_dev:.2f}"
+        bar.set_postfix(shown)
+
+    def record(self, epoch: int, chunk: int, loss: float, dev: float, score_test: Callable[[], float],
+               extra: dict[str, Any]) -> dict[str, Any]:
+        """Track the best dev score (scoring test only when dev improved); append the history record."""
+        test = None
+        if self.best.improved(dev):
+            test = score_test()
+            self.best.update(dev, test, self.step)
+            self.on_best()
+        entry = {"epoch": epoch, "chunk": chunk, "step": self.step, "train_loss": loss, "dev_acc": dev,
+                 "test_acc": test, "sizes": self.sizes, **extra}
+        self.history.append(entry)
+        return entry
+
+    def on_best(self) -> None:
+        """Called when the dev score improved (after test was scored); subclasses save models here."""
+
+    def end_piece(self, epoch: int, chunk: int, pieces: int) -> None:
+        """After a piece's evaluation: close the epoch's timing, move the position on, checkpoint."""
+        if chunk == pieces - 1:
+            self.epoch_times.append({"epoch": epoch, **self.timer.take()})
+        self.position = (epoch, chunk + 1) if chunk + 1 < pieces else (epoch + 1, 0)
+        self.save()
+
+    def epoch_line(self, epoch: int) -> str:
+        """The line printed after each epoch."""
+        last = self.history[-1]
+        return (f"epoch {epoch + 1}/{self.config.epochs}: loss {last['train_loss']:.4f}  dev {last['dev_acc']:.2f}  "
+                f"best dev {self.best.best_dev:.2f} (test {self.best.test_at_best:.2f})  hidden {self.sizes[1:-1]}")
+
+    def results_core(self, task: str, final: bool) -> dict[str, Any]:
+        """The part of the results document every task shares: config, machine, history, timing, scores."""
+        per_epoch = {p: sum(t[p] for t in self.epoch_times) / max(len(self.epoch_times), 1) for p in PHASES}
+        return {
+            "task": task,
+            "config": jsonable(self.config),
+            "machine": machine_info(self.device),
+            "finished": final,
+            "history": self.history,
+            "epoch_seconds": self.epoch_times,
+            "final": {
+                "best_dev_acc": self.best.best_dev,
+                "test_acc_at_best_dev": self.best.test_at_best,
+                "best_step": self.best.best_step,
+                "last_dev_acc": self.history[-1]["dev_acc"] if self.history else None,
+                "sizes": self.sizes,
+                "parameters_initial": self.initial_params,
+                "parameters_final": self.parameter_count(),
+                "mean_epoch_seconds": per_epoch,
+            },
+        }
+
+    def results(self, final: bool = False) -> dict[str, Any]:
+        """The results document (subclasses extend :meth:`results_core`)."""
+        raise NotImplementedError
+
+    def architecture_state(self) -> dict[str, Any]:
+        """Checkpoint entries that describe the model's shape and records outside its ``state_dict``."""
+        return {"hidden_sizes": self.sizes[1:-1]}
+
+    def restore_records(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`architecture_state` saved beyond the sizes (meSimp ``refer`` counters)."""
+
+    def save(self) -> None:
+        """Checkpoint and partial results, both written atomically."""
+        save_checkpoint(self.checkpoint_path, {
+            "config": jsonable(self.config),
+            **self.architecture_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "position": self.position,
+            "step": self.step,
+            "history": self.history,
+            "epoch_times": self.epoch_times,
+            "timer": self.timer.seconds,
+            "best": vars(self.best),
+            "rng": rng_state(),
+            "initial_params": self.initial_params,
+        })
+        write_json(self.out / "results.json", self.results())
+
+    def restore(self) -> None:
+        """Continue from ``checkpoint.pt`` in ``out``; refuses a checkpoint made with different settings."""
+        state = load_checkpoint(self.checkpoint_path)
+        mine = jsonable(self.config)
+        changed = sorted(k for k in mine if k not in self.resumable_changes and state["config"].get(k) != mine[k])
+        if changed:
+            raise ValueError(f"checkpoint {self.checkpoint_path} was made with different settings "
+                             f"({', '.join(changed)}); use the same options, or another --out")
+        self.model = self.build_model(state["hidden_sizes"])
+        self.model.load_state_dict(state["model"])
+        self.restore_records(state)
+        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.position, self.step = tuple(state["position"]), state["step"]
+        self.history, self.epoch_times = state["history"], state["epoch_times"]
+        self.timer.seconds = state["timer"]
+        self.best = BestTracker(**state["best"])
+        self.initial_params = state["initial_params"]
+        set_rng_state(state["rng"])

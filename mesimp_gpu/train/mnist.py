@@ -25,28 +25,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from mesimp_gpu.backends import get_backend
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.io import write_json
 from mesimp_gpu.mesimp import MesimpHook, MomentReset
 from mesimp_gpu.meprop import MePropConfig, MePropMode
 from mesimp_gpu.models.mlp import MLP, save_mlp
-from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise
+from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.plots import plot_history, plot_simplification
-from mesimp_gpu.train.common import (
-    BestTracker,
-    PhaseTimer,
-    accuracy,
-    chunk_bounds,
-    jsonable,
-    load_checkpoint,
-    machine_info,
-    resolve_device,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from mesimp_gpu.train.common import PHASES, Trainer, accuracy, chunk_bounds, progress_bar
 
 INPUT_SIZE, CLASSES = 784, 10
 
@@ -178,16 +164,13 @@ def subset(data: Mnist, limit: int | None) -> Mnist:
     return Mnist(data.train.head(limit), data.dev.head(small), data.test.head(small))
 
 
-class MnistTrainer:
-    """One training run: model, optimizer, data on the device, history and checkpoints."""
+class MnistTrainer(Trainer):
+    """One MNIST run: data on the device, the MLP, optional chunk hooks (meSimp), and the shared bookkeeping."""
+
+    resumable_changes = RESUMABLE_CHANGES
 
     def __init__(self, config: MnistConfig, data: Mnist | None = None, hooks: tuple[ChunkHook, ...] = ()) -> None:
-        self.config = config
-        self.device = resolve_device(config.device)
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        get_backend(config.backend, self.device)  # fail now, not in the first backward pass
-        self.out = Path(config.out)
+        super().__init__(config)
         data = subset(data or load_mnist(config.data_dir), config.limit)
         self.train_set, self.dev, self.test = (
             Split(s.images.to(self.device), s.labels.to(self.device)) for s in (data.train, data.dev, data.test)
@@ -196,31 +179,26 @@ class MnistTrainer:
         if config.method is Method.MESIMP:
             hooks = (MesimpHook(config.prune, config.cycle, config.reset_moments), *hooks)
         self.hooks = hooks
-        seed_everything(config.seed)
-        self.model = self.build_model(config.sizes)
-        self.optimizer = build_optimizer(config.optimizer, self.model.parameters(), config.lr)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum" if config.grad_sum else "mean")
-        self.timer = PhaseTimer(self.device)
-        self.best = BestTracker()
-        self.history: list[dict[str, Any]] = []
-        self.epoch_times: list[dict[str, float]] = []
-        self.position = (0, 0)  # (epoch, chunk) of the next piece to train
-        self.step = 0
-        self.initial_params = self.parameter_count()
+        self.start()
 
-    def build_model(self, sizes: list[int]) -> MLP:
-        """The MLP for ``sizes`` with this run's meProp settings, on the run's device."""
+    def build_model(self, hidden_sizes: list[int] | None) -> MLP:
+        """The MLP with this run's meProp settings, on the run's device."""
         c = self.config
+        sizes = c.sizes if hidden_sizes is None else [INPUT_SIZE, *hidden_sizes, CLASSES]
         meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.nonzero_hits)
         return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP).to(self.device)
 
-    def parameter_count(self) -> int:
-        """Parameters of the current (possibly shrunk) model."""
-        return sum(p.numel() for p in self.model.parameters())
-
     @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+    def sizes(self) -> list[int]:
+        return self.model.sizes
+
+    def architecture_state(self) -> dict[str, Any]:
+        return {**super().architecture_state(), "refer": [layer.refer for layer in self.model.hidden]}
+
+    def restore_records(self, state: dict[str, Any]) -> None:
+        for layer, refer in zip(self.model.hidden, state["refer"]):
+            layer.refer = refer
 
     def train_piece(self, order: torch.Tensor, bar: tqdm | None) -> float:
         """Update steps over the training examples ``order`` (indices); returns the mean loss per example."""
@@ -228,34 +206,19 @@ class MnistTrainer:
         for start in range(0, len(order), c.batch_size):
             batch = order[start : start + c.batch_size]
             x, y = self.train_set.images[batch], self.train_set.labels[batch]
-            with self.timer.phase("forward"):
-                loss = self.loss_fn(self.model(x), y)
-            with self.timer.phase("backward"):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            with self.timer.phase("update"):
-                clip_elementwise(self.model.parameters(), c.clip)
-                self.optimizer.step()
-            value = float(loss.detach())
+            value = self.update_step(lambda: self.loss_fn(self.model(x), y))  # noqa: B023 - called at once
             total += value if c.grad_sum else value * len(batch)
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value / (len(batch) if c.grad_sum else 1):.4f}", dev=f"{self.best.best_dev:.2f}")
+            self.step_postfix(bar, value / len(batch) if c.grad_sum else value)
         return total / max(len(order), 1)
 
     def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Score dev (and test when dev improved); append and return the history record."""
         dev = accuracy(self.model, self.dev.images, self.dev.labels)
-        test = None
-        if self.best.improved(dev):
-            test = accuracy(self.model, self.test.images, self.test.labels)
-            self.best.update(dev, test, self.step)
-            save_mlp(self.model, self.out)  # the reported model: the one at the best dev score
-        record = {"epoch": epoch, "chunk": chunk, "step": self.step, "train_loss": loss, "dev_acc": dev,
-                  "test_acc": test, "sizes": self.model.sizes, **extra}
-        self.history.append(record)
-        return record
+        return self.record(epoch, chunk, loss, dev, lambda: accuracy(self.model, self.test.images, self.test.labels),
+                           extra)
+
+    def on_best(self) -> None:
+        save_mlp(self.model, self.out)  # the reported model: the one at the best dev score
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The shuffled example order of ``epoch``; depends only on the seed and the epoch (so resumes match)."""
@@ -265,107 +228,48 @@ class MnistTrainer:
     def run(self) -> dict[str, Any]:
         """Train from ``self.position`` to the last epoch; returns (and writes) the results."""
         c = self.config
-        steps_per_epoch = sum(-(-(b - a) // c.batch_size) for a, b in chunk_bounds(len(self.train_set), c.chunks))
+
+        def steps(piece: tuple[int, int]) -> int:
+            """Update steps in the piece ``(start, stop)`` of an epoch."""
+            return -(-(piece[1] - piece[0]) // c.batch_size)
+
         start_epoch, start_chunk = self.position
         for epoch in range(start_epoch, c.epochs):
             order = self.epoch_order(epoch)
             pieces = chunk_bounds(len(order), c.chunks)
-            bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{c.epochs}", disable=not c.progress,
-                       leave=False, dynamic_ncols=True)
             first = start_chunk if epoch == start_epoch else 0
-            bar.update(sum(-(-(b - a) // c.batch_size) for a, b in pieces[:first]))
+            bar = progress_bar(sum(map(steps, pieces)), f"epoch {epoch + 1}/{c.epochs}", c.progress)
+            bar.update(sum(map(steps, pieces[:first])))
             for chunk in range(first, len(pieces)):
                 a, b = pieces[chunk]
                 loss = self.train_piece(order[a:b], bar)
                 extra: dict[str, Any] = {}
                 for hook in self.hooks:
                     extra.update(hook.on_chunk_end(self, epoch, chunk))
-                record = self.evaluate(epoch, chunk, loss, extra)
-                if chunk == len(pieces) - 1:
-                    self.epoch_times.append({"epoch": epoch, **self.timer.take()})
-                self.position = (epoch, chunk + 1) if chunk + 1 < len(pieces) else (epoch + 1, 0)
-                self.save()
-                bar.set_postfix(loss=f"{loss:.4f}", dev=f"{record['dev_acc']:.2f}")
+                self.evaluate(epoch, chunk, loss, extra)
+                self.end_piece(epoch, chunk, len(pieces))
             bar.close()
-            last = self.history[-1]
-            tqdm.write(f"epoch {epoch + 1}/{c.epochs}: loss {last['train_loss']:.4f}  dev {last['dev_acc']:.2f}  "
-                       f"best dev {self.best.best_dev:.2f} (test {self.best.test_at_best:.2f})")
+            tqdm.write(self.epoch_line(epoch))
         results = self.results(final=True)
         write_json(self.out / "results.json", results)
         plot_history(self.history, self.out / "curves.png", title=f"MNIST, {c.method.value}")
         return results
 
     def results(self, final: bool = False) -> dict[str, Any]:
-        """The results document: config, machine, history, time per epoch, final metrics."""
-        phases = ("forward", "backward", "update")
-        per_epoch = {p: sum(t[p] for t in self.epoch_times) / max(len(self.epoch_times), 1) for p in phases}
+        """The results document: the shared core plus kept sizes (final and at the best dev score) and times."""
+        results = self.results_core("mnist", final)
         kept = self.model.sizes[1:-1]
         # meSimp keeps shrinking after the best dev score: report the size of the scored network too
         at_best = next((r["sizes"][1:-1] for r in self.history if r["step"] == self.best.best_step), kept)
-        return {
-            "task": "mnist",
-            "config": jsonable(self.config),
-            "machine": machine_info(self.device),
-            "finished": final,
-            "history": self.history,
-            "epoch_seconds": self.epoch_times,
-            "final": {
-                "best_dev_acc": self.best.best_dev,
-                "test_acc_at_best_dev": self.best.test_at_best,
-                "best_step": self.best.best_step,
-                "last_dev_acc": self.history[-1]["dev_acc"] if self.history else None,
-                "sizes": self.model.sizes,
-                "kept": kept,
-                "kept_mean": sum(kept) / len(kept),
-                "kept_at_best_dev": at_best,
-                "kept_mean_at_best_dev": sum(at_best) / len(at_best),
-                "parameters_initial": self.initial_params,
-                "parameters_final": self.parameter_count(),
-                "mean_epoch_seconds": per_epoch,
-                "train_seconds": sum(t[p] for t in self.epoch_times for p in phases),
-                "prune_seconds": sum(r.get("prune_seconds", 0.0) for r in self.history),
-            },
-        }
-
-    def save(self) -> None:
-        """Checkpoint and partial results, both written atomically."""
-        save_checkpoint(self.checkpoint_path, {
-            "config": jsonable(self.config),
-            "sizes": self.model.sizes,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "position": self.position,
-            "step": self.step,
-            "refer": [layer.refer for layer in self.model.hidden],
-            "history": self.history,
-            "epoch_times": self.epoch_times,
-            "timer": self.timer.seconds,
-            "best": vars(self.best),
-            "rng": rng_state(),
-            "initial_params": self.initial_params,
+        results["final"].update({
+            "kept": kept,
+            "kept_mean": sum(kept) / len(kept),
+            "kept_at_best_dev": at_best,
+            "kept_mean_at_best_dev": sum(at_best) / len(at_best),
+            "train_seconds": sum(t[p] for t in self.epoch_times for p in PHASES),
+            "prune_seconds": sum(r.get("prune_seconds", 0.0) for r in self.history),
         })
-        write_json(self.out / "results.json", self.results())
-
-    def restore(self) -> None:
-        """Continue from ``checkpoint.pt`` in ``out``; refuses a checkpoint made with different settings."""
-        state = load_checkpoint(self.checkpoint_path)
-        mine = jsonable(self.config)
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and state["config"].get(k) != mine[k])
-        if changed:
-            raise ValueError(f"checkpoint {self.checkpoint_path} was made with different settings ({', '.join(changed)}); "
-                             "use the same options, or another --out")
-        self.model = self.build_model(state["sizes"])
-        self.model.load_state_dict(state["model"])
-        for layer, refer in zip(self.model.hidden, state.get("refer", [])):
-            layer.refer = refer
-        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.position, self.step = tuple(state["position"]), state["step"]
-        self.history, self.epoch_times = state["history"], state["epoch_times"]
-        self.timer.seconds = state["timer"]
-        self.best = BestTracker(**state["best"])
-        self.initial_params = state["initial_params"]
-        set_rng_state(state["rng"])
+        return results
 
 
 def same_size_config(config: MnistConfig, kept: list[int]) -> MnistConfig:

@@ -29,7 +29,6 @@ import torch
 import typer
 from tqdm import tqdm
 
-from mesimp_gpu.backends import get_backend
 from mesimp_gpu.data.conllu import (
     IGNORE_TAG,
     Batch,
@@ -47,21 +46,9 @@ from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.meprop import MePropConfig, MePropMode
 from mesimp_gpu.mesimp import check_threshold, ends_cycle, prunes_in
 from mesimp_gpu.models.tagger import Tagger
-from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise, reset_moments
+from mesimp_gpu.optim import OptimizerName, reset_moments
 from mesimp_gpu.plots import plot_history
-from mesimp_gpu.train.common import (
-    BestTracker,
-    PhaseTimer,
-    chunk_bounds,
-    jsonable,
-    load_checkpoint,
-    machine_info,
-    resolve_device,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-)
+from mesimp_gpu.train.common import Trainer, chunk_bounds, progress_bar
 
 SPLITS = ("train", "dev", "test")
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
@@ -187,16 +174,14 @@ def length_batches(
     return [batches[i] for i in order]
 
 
-class PosTrainer:
-    """One tagging run: data, vocabularies, model, optimizer, history and checkpoints."""
+class PosTrainer(Trainer):
+    """One tagging run: data, vocabularies, the tagger, and the shared bookkeeping."""
+
+    resumable_changes = RESUMABLE_CHANGES
 
     def __init__(self, config: PosConfig, splits: dict[str, list[Sentence]] | None = None) -> None:
-        self.config = c = config
-        self.device = resolve_device(c.device)
-        if c.threads is not None:
-            torch.set_num_threads(c.threads)
-        get_backend(c.backend, self.device)  # fail now, not in the first backward pass
-        self.out = Path(c.out)
+        super().__init__(config)
+        c = config
         if splits is None:
             splits, paths = load_splits(c)
             self.sources = {s: str(p) for s, p in paths.items()}
@@ -205,18 +190,9 @@ class PosTrainer:
         self.vocab = TaggingVocab.build(splits["train"], c.tagset)
         self.data: dict[str, list[EncodedSentence]] = {s: [self.vocab.encode(x) for x in splits[s]] for s in SPLITS}
         self.counts = word_counts(self.vocab.words).to(self.device)
-        seed_everything(c.seed)
-        self.model = self.build_model()
-        self.optimizer = build_optimizer(c.optimizer, self.model.parameters(), c.lr)
-        self.timer = PhaseTimer(self.device)
-        self.best = BestTracker()
-        self.history: list[dict[str, Any]] = []
-        self.epoch_times: list[dict[str, float]] = []
-        self.position = (0, 0)  # (epoch, chunk) of the next piece to train
-        self.step = 0
-        self.initial_params = self.parameter_count()
+        self.start()
 
-    def build_model(self, hidden_sizes: list[int] | None = None) -> Tagger:
+    def build_model(self, hidden_sizes: list[int] | None) -> Tagger:
         """The tagger with this run's settings; ``hidden_sizes`` (per direction) for a pruned checkpoint."""
         c = self.config
         model = Tagger(
@@ -231,18 +207,18 @@ class PosTrainer:
             model.lstm.prune_units_(keeps, model.output)
         return model.to(self.device)
 
-    def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     @property
     def sizes(self) -> list[int]:
         """``[input, hidden per direction..., tags]``: the layer widths, as the MLP reports them."""
         lstm = self.model.lstm
         return [lstm.input_size, *[d.hidden_size for d in lstm.directions], len(self.vocab.tags)]
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
+    def architecture_state(self) -> dict[str, Any]:
+        return {**super().architecture_state(), "refer": [d.refer for d in self.model.lstm.directions]}
+
+    def restore_records(self, state: dict[str, Any]) -> None:
+        for d, refer in zip(self.model.lstm.directions, state["refer"]):
+            d.refer = refer
 
     def mesimp_step(self, epoch: int, last_chunk: bool) -> dict[str, Any]:
         """After a piece (meSimp only): prune in pruning epochs, reset Adam's moments at a cycle's end."""
@@ -267,26 +243,20 @@ class PosTrainer:
 
     def train_piece(self, batches: list[list[int]], bar: tqdm | None) -> float:
         """Update steps over ``batches``; returns the mean loss per token."""
-        c, total, tokens = self.config, 0.0, 0
+        total, tokens = 0.0, 0
         self.model.train()
         for indices in batches:
             batch = make_batch([self.data["train"][i] for i in indices]).to(self.device)
-            with self.timer.phase("forward"):
-                words = word_dropout(batch.words, self.counts, c.word_dropout)
-                loss = self.model.loss(self.model(Batch(words, batch.features, batch.tags, batch.lengths)), batch.tags)
-            with self.timer.phase("backward"):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            with self.timer.phase("update"):
-                clip_elementwise(self.model.parameters(), c.clip)
-                self.optimizer.step()
-            n, value = int(batch.lengths.sum()), loss.detach().item()
+            value = self.update_step(lambda: self.batch_loss(batch))  # noqa: B023 - called at once
+            n = int(batch.lengths.sum())
             total, tokens = total + value, tokens + n
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value / n:.4f}", dev=f"{self.best.best_dev:.2f}")
+            self.step_postfix(bar, value / n)
         return total / max(tokens, 1)
+
+    def batch_loss(self, batch: Batch) -> torch.Tensor:
+        """Summed token loss of ``batch``, with word dropout on its words."""
+        words = word_dropout(batch.words, self.counts, self.config.word_dropout)
+        return self.model.loss(self.model(Batch(words, batch.features, batch.tags, batch.lengths)), batch.tags)
 
     @torch.no_grad()
     def accuracy(self, split: str) -> float:
@@ -305,15 +275,7 @@ class PosTrainer:
 
     def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Score dev (and test when dev improved); append and return the history record."""
-        dev = self.accuracy("dev")
-        test = None
-        if self.best.improved(dev):
-            test = self.accuracy("test")
-            self.best.update(dev, test, self.step)
-        record = {"epoch": epoch, "chunk": chunk, "step": self.step, "train_loss": loss, "dev_acc": dev,
-                  "test_acc": test, "sizes": self.sizes, **extra}
-        self.history.append(record)
-        return record
+        return self.record(epoch, chunk, loss, self.accuracy("dev"), lambda: self.accuracy("test"), extra)
 
     def run(self) -> dict[str, Any]:
         """Train from ``self.position`` to the last epoch; returns (and writes) the results."""
@@ -322,93 +284,27 @@ class PosTrainer:
         for epoch in range(start_epoch, c.epochs):
             pieces = self.epoch_batches(epoch)
             first = start_chunk if epoch == start_epoch else 0
-            bar = tqdm(total=sum(map(len, pieces)), desc=f"epoch {epoch + 1}/{c.epochs}", disable=not c.progress,
-                       leave=False, dynamic_ncols=True)
+            bar = progress_bar(sum(map(len, pieces)), f"epoch {epoch + 1}/{c.epochs}", c.progress)
             bar.update(sum(map(len, pieces[:first])))
             for chunk in range(first, len(pieces)):
                 loss = self.train_piece(pieces[chunk], bar)
                 extra = self.mesimp_step(epoch, last_chunk=chunk == len(pieces) - 1)
-                record = self.evaluate(epoch, chunk, loss, extra)
-                if chunk == len(pieces) - 1:
-                    self.epoch_times.append({"epoch": epoch, **self.timer.take()})
-                self.position = (epoch, chunk + 1) if chunk + 1 < len(pieces) else (epoch + 1, 0)
-                self.save()
-                bar.set_postfix(loss=f"{loss:.4f}", dev=f"{record['dev_acc']:.2f}")
+                self.evaluate(epoch, chunk, loss, extra)
+                self.end_piece(epoch, chunk, len(pieces))
             bar.close()
-            last = self.history[-1]
-            tqdm.write(f"epoch {epoch + 1}/{c.epochs}: loss {last['train_loss']:.4f}  dev {last['dev_acc']:.2f}  "
-                       f"best dev {self.best.best_dev:.2f} (test {self.best.test_at_best:.2f})  "
-                       f"hidden {self.sizes[1:-1]}")
+            tqdm.write(self.epoch_line(epoch))
         results = self.results(final=True)
         write_json(self.out / "results.json", results)
         plot_history(self.history, self.out / "curves.png", title=f"POS tagging, {c.method.value}")
         return results
 
     def results(self, final: bool = False) -> dict[str, Any]:
-        """The results document: config, data, machine, history, time per epoch, final metrics."""
-        phases = ("forward", "backward", "update")
-        per_epoch = {p: sum(t[p] for t in self.epoch_times) / max(len(self.epoch_times), 1) for p in phases}
-        return {
-            "task": "pos",
-            "config": jsonable(self.config),
-            "data": {s: {"source": self.sources[s], "sentences": len(self.data[s]),
-                         "tokens": sum(len(x.words) for x in self.data[s])} for s in SPLITS}
-            | {"words": len(self.vocab.words), "tags": len(self.vocab.tags)},
-            "machine": machine_info(self.device),
-            "finished": final,
-            "history": self.history,
-            "epoch_seconds": self.epoch_times,
-            "final": {
-                "best_dev_acc": self.best.best_dev,
-                "test_acc_at_best_dev": self.best.test_at_best,
-                "best_step": self.best.best_step,
-                "last_dev_acc": self.history[-1]["dev_acc"] if self.history else None,
-                "sizes": self.sizes,
-                "parameters_initial": self.initial_params,
-                "parameters_final": self.parameter_count(),
-                "mean_epoch_seconds": per_epoch,
-            },
-        }
-
-    def save(self) -> None:
-        """Checkpoint and partial results, both written atomically."""
-        save_checkpoint(self.checkpoint_path, {
-            "config": jsonable(self.config),
-            "hidden_sizes": self.sizes[1:-1],
-            "refer": [d.refer for d in self.model.lstm.directions],
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "position": self.position,
-            "step": self.step,
-            "history": self.history,
-            "epoch_times": self.epoch_times,
-            "timer": self.timer.seconds,
-            "best": vars(self.best),
-            "rng": rng_state(),
-            "initial_params": self.initial_params,
-        })
-        write_json(self.out / "results.json", self.results())
-
-    def restore(self) -> None:
-        """Continue from ``checkpoint.pt`` in ``out``; refuses a checkpoint made with different settings."""
-        state = load_checkpoint(self.checkpoint_path)
-        mine = jsonable(self.config)
-        changed = sorted(k for k in mine if k not in RESUMABLE_CHANGES and state["config"].get(k) != mine[k])
-        if changed:
-            raise ValueError(f"checkpoint {self.checkpoint_path} was made with different settings "
-                             f"({', '.join(changed)}); use the same options, or another --out")
-        self.model = self.build_model(state["hidden_sizes"])
-        self.model.load_state_dict(state["model"])
-        for d, refer in zip(self.model.lstm.directions, state["refer"]):
-            d.refer = refer
-        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.position, self.step = tuple(state["position"]), state["step"]
-        self.history, self.epoch_times = state["history"], state["epoch_times"]
-        self.timer.seconds = state["timer"]
-        self.best = BestTracker(**state["best"])
-        self.initial_params = state["initial_params"]
-        set_rng_state(state["rng"])
+        """The results document: the shared core plus where the data came from and its size."""
+        results = self.results_core("pos", final)
+        results["data"] = {s: {"source": self.sources[s], "sentences": len(self.data[s]),
+                               "tokens": sum(len(x.words) for x in self.data[s])} for s in SPLITS} | {
+            "words": len(self.vocab.words), "tags": len(self.vocab.tags)}
+        return results
 
 
 def train_pos(
