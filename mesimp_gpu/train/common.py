@@ -8,7 +8,7 @@ import platform
 import random
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import Enum
@@ -22,6 +22,7 @@ from tqdm import tqdm
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.optim import build_optimizer, clip_elementwise
+from mesimp_gpu.plots import plot_history
 
 PHASES = ("forward", "backward", "update")
 
@@ -330,6 +331,51 @@ class Trainer:
     def results(self, final: bool = False) -> dict[str, Any]:
         """The results document (subclasses extend :meth:`results_core`)."""
         raise NotImplementedError
+
+    #: plot title, e.g. "MNIST"
+    title = ""
+
+    def epoch_pieces(self, epoch: int) -> Sequence[Any]:
+        """The training data of ``epoch`` cut into pieces (one evaluation after each); depends only on
+        the seed and the epoch, so a resumed run sees the same pieces."""
+        raise NotImplementedError
+
+    def piece_steps(self, piece: Any) -> int:
+        """Update steps in one piece (for the progress bar)."""
+        raise NotImplementedError
+
+    def train_piece(self, piece: Any, bar: tqdm | None) -> float:
+        """Update steps over ``piece``; returns the mean training loss."""
+        raise NotImplementedError
+
+    def after_piece(self, epoch: int, chunk: int, last: bool) -> dict[str, Any]:
+        """Between a piece's updates and its evaluation (meSimp prunes here); returns history fields."""
+        return {}
+
+    def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
+        """Score dev (and test when dev improved) through :meth:`record`."""
+        raise NotImplementedError
+
+    def run(self) -> dict[str, Any]:
+        """Train from ``self.position`` to the last epoch; returns (and writes) the results."""
+        c = self.config
+        start_epoch, start_chunk = self.position
+        for epoch in range(start_epoch, c.epochs):
+            pieces = self.epoch_pieces(epoch)
+            first = start_chunk if epoch == start_epoch else 0
+            bar = progress_bar(sum(map(self.piece_steps, pieces)), f"epoch {epoch + 1}/{c.epochs}", c.progress)
+            bar.update(sum(map(self.piece_steps, pieces[:first])))
+            for chunk in range(first, len(pieces)):
+                loss = self.train_piece(pieces[chunk], bar)
+                extra = self.after_piece(epoch, chunk, last=chunk == len(pieces) - 1)
+                self.evaluate(epoch, chunk, loss, extra)
+                self.end_piece(epoch, chunk, len(pieces))
+            bar.close()
+            tqdm.write(self.epoch_line(epoch))
+        results = self.results(final=True)
+        write_json(self.out / "results.json", results)
+        plot_history(self.history, self.out / "curves.png", title=f"{self.title}, {c.method.value}")
+        return results
 
     def architecture_state(self) -> dict[str, Any]:
         """Checkpoint entries that describe the model's shape and records outside its ``state_dict``."""

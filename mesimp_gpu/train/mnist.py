@@ -31,8 +31,8 @@ from mesimp_gpu.mesimp import MesimpHook, MomentReset
 from mesimp_gpu.meprop import MePropConfig, MePropMode
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
-from mesimp_gpu.plots import plot_history, plot_simplification
-from mesimp_gpu.train.common import PHASES, Trainer, accuracy, chunk_bounds, progress_bar
+from mesimp_gpu.plots import plot_simplification
+from mesimp_gpu.train.common import PHASES, Trainer, accuracy, chunk_bounds
 
 INPUT_SIZE, CLASSES = 784, 10
 
@@ -168,6 +168,7 @@ class MnistTrainer(Trainer):
     """One MNIST run: data on the device, the MLP, optional chunk hooks (meSimp), and the shared bookkeeping."""
 
     resumable_changes = RESUMABLE_CHANGES
+    title = "MNIST"
 
     def __init__(self, config: MnistConfig, data: Mnist | None = None, hooks: tuple[ChunkHook, ...] = ()) -> None:
         super().__init__(config)
@@ -225,35 +226,19 @@ class MnistTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         return torch.randperm(len(self.train_set), generator=generator).to(self.device)
 
-    def run(self) -> dict[str, Any]:
-        """Train from ``self.position`` to the last epoch; returns (and writes) the results."""
-        c = self.config
+    def epoch_pieces(self, epoch: int) -> list[torch.Tensor]:
+        """The shuffled example indices of ``epoch``, cut into ``chunks`` pieces."""
+        order = self.epoch_order(epoch)
+        return [order[a:b] for a, b in chunk_bounds(len(order), self.config.chunks)]
 
-        def steps(piece: tuple[int, int]) -> int:
-            """Update steps in the piece ``(start, stop)`` of an epoch."""
-            return -(-(piece[1] - piece[0]) // c.batch_size)
+    def piece_steps(self, piece: torch.Tensor) -> int:
+        return -(-len(piece) // self.config.batch_size)
 
-        start_epoch, start_chunk = self.position
-        for epoch in range(start_epoch, c.epochs):
-            order = self.epoch_order(epoch)
-            pieces = chunk_bounds(len(order), c.chunks)
-            first = start_chunk if epoch == start_epoch else 0
-            bar = progress_bar(sum(map(steps, pieces)), f"epoch {epoch + 1}/{c.epochs}", c.progress)
-            bar.update(sum(map(steps, pieces[:first])))
-            for chunk in range(first, len(pieces)):
-                a, b = pieces[chunk]
-                loss = self.train_piece(order[a:b], bar)
-                extra: dict[str, Any] = {}
-                for hook in self.hooks:
-                    extra.update(hook.on_chunk_end(self, epoch, chunk))
-                self.evaluate(epoch, chunk, loss, extra)
-                self.end_piece(epoch, chunk, len(pieces))
-            bar.close()
-            tqdm.write(self.epoch_line(epoch))
-        results = self.results(final=True)
-        write_json(self.out / "results.json", results)
-        plot_history(self.history, self.out / "curves.png", title=f"MNIST, {c.method.value}")
-        return results
+    def after_piece(self, epoch: int, chunk: int, last: bool) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for hook in self.hooks:
+            extra.update(hook.on_chunk_end(self, epoch, chunk))
+        return extra
 
     def results(self, final: bool = False) -> dict[str, Any]:
         """The results document: the shared core plus kept sizes (final and at the best dev score) and times."""

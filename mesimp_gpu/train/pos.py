@@ -41,14 +41,12 @@ from mesimp_gpu.data.conllu import (
     word_counts,
     word_dropout,
 )
-from mesimp_gpu.io import write_json
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.meprop import MePropConfig, MePropMode
 from mesimp_gpu.mesimp import check_threshold, ends_cycle, prunes_in
 from mesimp_gpu.models.tagger import Tagger
 from mesimp_gpu.optim import OptimizerName, reset_moments
-from mesimp_gpu.plots import plot_history
-from mesimp_gpu.train.common import Trainer, chunk_bounds, progress_bar
+from mesimp_gpu.train.common import Trainer, chunk_bounds
 
 SPLITS = ("train", "dev", "test")
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
@@ -178,6 +176,7 @@ class PosTrainer(Trainer):
     """One tagging run: data, vocabularies, the tagger, and the shared bookkeeping."""
 
     resumable_changes = RESUMABLE_CHANGES
+    title = "POS tagging"
 
     def __init__(self, config: PosConfig, splits: dict[str, list[Sentence]] | None = None) -> None:
         super().__init__(config)
@@ -220,19 +219,22 @@ class PosTrainer(Trainer):
         for d, refer in zip(self.model.lstm.directions, state["refer"]):
             d.refer = refer
 
-    def mesimp_step(self, epoch: int, last_chunk: bool) -> dict[str, Any]:
+    def after_piece(self, epoch: int, chunk: int, last: bool) -> dict[str, Any]:
         """After a piece (meSimp only): prune in pruning epochs, reset Adam's moments at a cycle's end."""
         c = self.config
         if c.method is not Method.MESIMP:
             return {}
-        record = {"pruned": prunes_in(epoch, c.cycle), "moments_reset": last_chunk and ends_cycle(epoch, c.cycle)}
+        record = {"pruned": prunes_in(epoch, c.cycle), "moments_reset": last and ends_cycle(epoch, c.cycle)}
         if record["pruned"]:
             self.model.mesimp_prune_(c.prune_threshold, self.optimizer)
         if record["moments_reset"]:
             reset_moments(self.optimizer)
         return record
 
-    def epoch_batches(self, epoch: int) -> list[list[list[int]]]:
+    def piece_steps(self, piece: list[list[int]]) -> int:
+        return len(piece)
+
+    def epoch_pieces(self, epoch: int) -> list[list[list[int]]]:
         """Per piece, the batches (sentence indices) of ``epoch``; depends only on the seed and the epoch."""
         c = self.config
         generator = torch.Generator().manual_seed(c.seed * 100_003 + epoch)
@@ -276,27 +278,6 @@ class PosTrainer(Trainer):
     def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Score dev (and test when dev improved); append and return the history record."""
         return self.record(epoch, chunk, loss, self.accuracy("dev"), lambda: self.accuracy("test"), extra)
-
-    def run(self) -> dict[str, Any]:
-        """Train from ``self.position`` to the last epoch; returns (and writes) the results."""
-        c = self.config
-        start_epoch, start_chunk = self.position
-        for epoch in range(start_epoch, c.epochs):
-            pieces = self.epoch_batches(epoch)
-            first = start_chunk if epoch == start_epoch else 0
-            bar = progress_bar(sum(map(len, pieces)), f"epoch {epoch + 1}/{c.epochs}", c.progress)
-            bar.update(sum(map(len, pieces[:first])))
-            for chunk in range(first, len(pieces)):
-                loss = self.train_piece(pieces[chunk], bar)
-                extra = self.mesimp_step(epoch, last_chunk=chunk == len(pieces) - 1)
-                self.evaluate(epoch, chunk, loss, extra)
-                self.end_piece(epoch, chunk, len(pieces))
-            bar.close()
-            tqdm.write(self.epoch_line(epoch))
-        results = self.results(final=True)
-        write_json(self.out / "results.json", results)
-        plot_history(self.history, self.out / "curves.png", title=f"POS tagging, {c.method.value}")
-        return results
 
     def results(self, final: bool = False) -> dict[str, Any]:
         """The results document: the shared core plus where the data came from and its size."""
