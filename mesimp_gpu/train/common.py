@@ -3,6 +3,7 @@ evaluation with best-dev tracking, checkpoints and results files."""
 
 from __future__ import annotations
 
+import enum
 import os
 import platform
 import random
@@ -21,10 +22,31 @@ from tqdm import tqdm
 
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.io import save_torch, write_json
+from mesimp_gpu.meprop import MePropMode
 from mesimp_gpu.optim import build_optimizer, clip_elementwise
 from mesimp_gpu.plots import plot_history
 
 PHASES = ("forward", "backward", "update")
+
+
+class Method(str, enum.Enum):
+    """Training method of every trainer (meProp applies to the hidden layers, the output layer is dense)."""
+
+    MESIMP = "mesimp"  # meProp top-k plus hit records and prune steps: the model shrinks
+    DENSE = "dense"  # full back propagation everywhere
+    MEPROP = "meprop"  # per-example top-k (the paper's method)
+    UNIFIED = "unified"  # one top-k set per minibatch
+    RANDOM = "random"  # k random entries per example (ablation)
+
+
+#: the meProp mode of each method's hidden layers
+METHOD_MODE = {
+    Method.MESIMP: MePropMode.TOPK,
+    Method.DENSE: MePropMode.DENSE,
+    Method.MEPROP: MePropMode.TOPK,
+    Method.UNIFIED: MePropMode.UNIFIED,
+    Method.RANDOM: MePropMode.RANDOM,
+}
 
 
 def resolve_device(name: str) -> torch.device:

@@ -28,32 +28,13 @@ from tqdm import tqdm
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.io import write_json
 from mesimp_gpu.mesimp import MesimpHook, MomentReset
-from mesimp_gpu.meprop import MePropConfig, MePropMode
+from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.plots import plot_simplification
-from mesimp_gpu.train.common import PHASES, Trainer, accuracy, chunk_bounds
+from mesimp_gpu.train.common import METHOD_MODE, PHASES, Method, Trainer, accuracy, chunk_bounds
 
 INPUT_SIZE, CLASSES = 784, 10
-
-
-class Method(str, enum.Enum):
-    """Training method of ``train mnist``."""
-
-    MESIMP = "mesimp"  # meProp top-k plus hit records and prune steps: the model shrinks
-    DENSE = "dense"  # full back propagation everywhere
-    MEPROP = "meprop"  # per-example top-k on hidden layers (the paper's method)
-    UNIFIED = "unified"  # one top-k column set per minibatch on hidden layers
-    RANDOM = "random"  # k random columns per example (ablation)
-
-
-METHOD_MODE = {
-    Method.MESIMP: MePropMode.TOPK,
-    Method.DENSE: MePropMode.DENSE,
-    Method.MEPROP: MePropMode.TOPK,
-    Method.UNIFIED: MePropMode.UNIFIED,
-    Method.RANDOM: MePropMode.RANDOM,
-}
 
 
 @dataclass(frozen=True)

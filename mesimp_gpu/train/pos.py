@@ -19,7 +19,6 @@ the last piece of every cycle. ``cycle = 0`` prunes after every piece of every e
 
 from __future__ import annotations
 
-import enum
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,33 +41,14 @@ from mesimp_gpu.data.conllu import (
     word_dropout,
 )
 from mesimp_gpu.lstm import GateSelection, HitCounting
-from mesimp_gpu.meprop import MePropConfig, MePropMode
+from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.mesimp import check_threshold, ends_cycle, prunes_in
 from mesimp_gpu.models.tagger import Tagger
 from mesimp_gpu.optim import OptimizerName, reset_moments
-from mesimp_gpu.train.common import Trainer, chunk_bounds
+from mesimp_gpu.train.common import METHOD_MODE, Method, Trainer, chunk_bounds
 
 SPLITS = ("train", "dev", "test")
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
-
-
-class Method(str, enum.Enum):
-    """Training method of ``train pos``."""
-
-    DENSE = "dense"  # full back propagation
-    MEPROP = "meprop"  # per-example top-k of the LSTM gate gradient (the paper's method)
-    UNIFIED = "unified"  # one top-k set per step for the minibatch
-    RANDOM = "random"  # k random gate entries per example (ablation)
-    MESIMP = "mesimp"  # meProp plus pruning of rarely selected hidden units
-
-
-METHOD_MODE = {
-    Method.DENSE: MePropMode.DENSE,
-    Method.MEPROP: MePropMode.TOPK,
-    Method.UNIFIED: MePropMode.UNIFIED,
-    Method.RANDOM: MePropMode.RANDOM,
-    Method.MESIMP: MePropMode.TOPK,
-}
 
 
 @dataclass(frozen=True)
