@@ -39,14 +39,8 @@ class PriorScatterFunction(torch.autograd.Function):
         return g_k.mm(weight), g_k.t().mm(x), g.sum(dim=0), None
 
 
-class PriorSparseFunction(torch.autograd.Function):
-    """Linear map whose backward multiplies a sparse COO ``G_k`` (the authors' ``torch.dsmm`` code)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, k: int) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.k = k
-        return torch.nn.functional.linear(x, weight, bias)
+class PriorSparseFunction(PriorScatterFunction):
+    """The same linear map, but the backward multiplies a sparse COO ``G_k`` (the authors' ``torch.dsmm`` code)."""
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]

@@ -64,6 +64,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_run_settings(config: Any, positive: dict[str, int]) -> None:
+    """Validate what every trainer config shares; ``positive`` names further settings that must be >= 1.
+
+    Raises ValueError naming the CLI option: ``positive`` entries, ``cycle`` >= 0, ``limit`` and
+    ``threads`` >= 1 when given, ``lr`` > 0 and ``clip`` > 0 when given.
+    """
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.cycle < 0:
+        raise ValueError(f"--cycle must be at least 0, got {config.cycle}")
+    for name, value in (("limit", config.limit), ("threads", config.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    if config.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {config.lr}")
+    if config.clip is not None and config.clip <= 0:
+        raise ValueError(f"--clip must be positive, got {config.clip}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) so that a run repeats exactly."""
     random.seed(seed)

@@ -32,7 +32,15 @@ from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.plots import plot_simplification
-from mesimp_gpu.train.common import METHOD_MODE, PHASES, Method, Trainer, accuracy, chunk_bounds
+from mesimp_gpu.train.common import (
+    METHOD_MODE,
+    PHASES,
+    Method,
+    Trainer,
+    accuracy,
+    check_run_settings,
+    chunk_bounds,
+)
 
 INPUT_SIZE, CLASSES = 784, 10
 
@@ -69,26 +77,14 @@ class MnistConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        positive = {"k": self.k, "hidden": self.hidden, "layers": self.layers, "epochs": self.epochs,
-                    "batch_size": self.batch_size, "chunks": self.chunks}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        check_run_settings(self, {"k": self.k, "hidden": self.hidden, "layers": self.layers, "epochs": self.epochs,
+                                  "batch_size": self.batch_size, "chunks": self.chunks})
         if self.hidden_sizes is not None and (not self.hidden_sizes or min(self.hidden_sizes) < 1):
             raise ValueError(f"--hidden-sizes must be positive widths, got {list(self.hidden_sizes)}")
         if not 0.0 <= self.prune < 1.0:
             raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
-        if self.cycle < 0:
-            raise ValueError(f"--cycle must be at least 0, got {self.cycle}")
         if self.compare_same_size and self.method is not Method.MESIMP:
             raise ValueError("--compare-same-size needs --method mesimp (it compares with the simplified sizes)")
-        for name, value in (("limit", self.limit), ("threads", self.threads)):
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"--clip must be positive, got {self.clip}")
         widest = max(self.sizes[1:-1])
         if self.method is not Method.DENSE and self.k > widest:
             raise ValueError(f"--k {self.k} exceeds the hidden width {widest}; use --method dense for full "

@@ -45,7 +45,7 @@ from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.mesimp import check_threshold, ends_cycle, prunes_in
 from mesimp_gpu.models.tagger import Tagger
 from mesimp_gpu.optim import OptimizerName, reset_moments
-from mesimp_gpu.train.common import METHOD_MODE, Method, Trainer, chunk_bounds
+from mesimp_gpu.train.common import METHOD_MODE, Method, Trainer, check_run_settings, chunk_bounds
 
 SPLITS = ("train", "dev", "test")
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
@@ -86,20 +86,9 @@ class PosConfig:
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
-        positive = {"k": self.k, "hidden": self.hidden, "epochs": self.epochs, "batch_size": self.batch_size,
-                    "word_dim": self.word_dim, "feature_dim": self.feature_dim, "chunks": self.chunks}
-        for name, value in positive.items():
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.cycle < 0:
-            raise ValueError(f"--cycle must be at least 0, got {self.cycle}")
-        for name, value in (("limit", self.limit), ("threads", self.threads)):
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.clip is not None and self.clip <= 0:
-            raise ValueError(f"--clip must be positive, got {self.clip}")
+        check_run_settings(self, {"k": self.k, "hidden": self.hidden, "epochs": self.epochs,
+                                  "batch_size": self.batch_size, "word_dim": self.word_dim,
+                                  "feature_dim": self.feature_dim, "chunks": self.chunks})
         if self.word_dropout < 0:
             raise ValueError(f"--word-dropout must be >= 0, got {self.word_dropout}")
         check_threshold(self.prune_threshold)
