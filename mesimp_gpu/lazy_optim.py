@@ -2,10 +2,12 @@
 
 With per-example meProp the weight gradient ``dW`` (``[out, in]``) is zero outside the rows of the
 kept columns, so an update of the other rows is either a no-op (plain SGD) or only the decay of an
-optimizer state. :class:`MePropFunction` records the kept columns on the weight
-(:func:`mark_touched_rows`) during backward; :class:`LazySGD` and :class:`LazyAdam` read that record
-at :meth:`step`, update those rows only, and clear it. Parameters without a record (biases, layers
-that are not meProp, dense mode) get the ordinary dense update.
+optimizer state. A lazy optimizer arms a record on each of its parameters
+(:func:`track_touched_rows`); :class:`MePropFunction` adds the kept columns to an armed record
+(:func:`mark_touched_rows`) during backward, and does nothing for parameters of other optimizers.
+:class:`LazySGD` and :class:`LazyAdam` read the record at :meth:`step`, update those rows only, and
+re-arm it. Parameters without rows in their record (biases, layers that are not meProp, dense mode,
+a parameter that meSimp replaced since the last step) get the ordinary dense update.
 
 Semantics:
 
@@ -45,15 +47,21 @@ def union_rows(pending: list[Tensor], n_rows: int) -> Tensor:
     return mask.nonzero().squeeze(1)
 
 
+def track_touched_rows(param: Tensor) -> None:
+    """Arm (or clear) the touched-rows record of ``param``, so that backward passes fill it."""
+    param.__dict__[TOUCHED_ROWS_ATTR] = []
+
+
 def mark_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
     """Record that a backward pass wrote ``weight.grad`` only in ``rows`` (int64, any shape; None: every row).
 
-    Usually keeps a reference only (no copy, no kernel); every ``MAX_PENDING`` records are folded into
-    one, so a weight trained by a dense optimizer, which never reads the record, holds a bounded amount.
+    Only an armed record (:func:`track_touched_rows`) is filled, so weights of dense optimizers cost
+    nothing. Usually keeps a reference only (no copy, no kernel); every ``MAX_PENDING`` records are
+    folded into one (many backward passes before one step hold a bounded amount).
     """
-    pending = weight.__dict__.setdefault(TOUCHED_ROWS_ATTR, [])
-    if pending and pending[0] is None:
-        return  # already every row
+    pending = weight.__dict__.get(TOUCHED_ROWS_ATTR)
+    if pending is None or (pending and pending[0] is None):
+        return  # not armed, or already every row
     if rows is None:
         pending[:] = [None]
         return
@@ -63,11 +71,12 @@ def mark_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
 
 
 def take_touched_rows(param: Tensor) -> Tensor | None:
-    """Sorted unique rows recorded on ``param`` since the last call, clearing the record.
+    """Sorted unique rows recorded on ``param`` since the last call; re-arms an empty record.
 
     Returns None when the update must be dense: no record, a record of every row, or every row touched.
     """
-    pending = param.__dict__.pop(TOUCHED_ROWS_ATTR, None)
+    pending = param.__dict__.get(TOUCHED_ROWS_ATTR)
+    track_touched_rows(param)
     if not pending or pending[0] is None:
         return None
     touched = union_rows(pending, param.shape[0])
@@ -112,6 +121,9 @@ class LazyOptimizer(torch.optim.Optimizer):
             raise ValueError(f"learning rate must be positive, got {defaults['lr']}")
         super().__init__(params, defaults)
         self.kernels = compiled_kernels(fused)
+        for group in self.param_groups:
+            for p in group["params"]:
+                track_touched_rows(p)
 
     def use_kernels(self, p: Tensor) -> bool:
         """True when the fused kernel can update ``p`` in place (CPU, float32/64, contiguous, matching grad)."""

@@ -91,16 +91,16 @@ class MePropFunction(torch.autograd.Function):
         config: MePropConfig = ctx.config
         g = g.contiguous()
         batch, width = g.shape
-        dense = config.mode is MePropMode.DENSE or config.k >= width
+        need_dx = ctx.needs_input_grad[0]  # False for a first layer fed with data
         db = g.sum(dim=0) if ctx.has_bias else None
         # every kept index counts as a hit (the reference); with nonzero_hits the backends count
         # nothing and the kept non-zero entries are counted below instead
         all_hits = None if config.nonzero_hits else ctx.hits
-        if dense:
+        idx: Tensor | None = None  # kept columns per example; None: every column
+        if config.mode is MePropMode.DENSE or config.k >= width:
             if all_hits is not None:
                 all_hits += batch  # every column is in every example's set
-            idx = torch.arange(width, device=g.device).expand(batch, width)
-            dx, dw = g.mm(weight), g.t().mm(x)
+            dx, dw = g.mm(weight) if need_dx else None, g.t().mm(x)
         elif config.mode is MePropMode.UNIFIED:
             check_finite(g)
             dx, dw, cols = ctx.backend.unified_backward(g, x, weight, config.k)
@@ -111,7 +111,7 @@ class MePropFunction(torch.autograd.Function):
                 db = torch.zeros_like(db).index_copy_(0, cols, db[cols])
         else:
             if config.mode is MePropMode.TOPK:
-                dx, dw, idx = ctx.backend.topk_backward(g, x, weight, config.k, all_hits)
+                dx, dw, idx = ctx.backend.topk_backward(g, x, weight, config.k, all_hits, need_dx)
             else:
                 idx = random_indices(batch, width, config.k, g.device)
                 if all_hits is not None:
@@ -120,10 +120,11 @@ class MePropFunction(torch.autograd.Function):
             if db is not None and config.sparse_bias:
                 db = kept_bias_grad(g, idx)
         if ctx.hits is not None and config.nonzero_hits:
-            count_nonzero_hits(ctx.hits, g, idx)
+            every = torch.arange(width, device=g.device).expand(batch, width)
+            count_nonzero_hits(ctx.hits, g, every if idx is None else idx)
         if ctx.needs_input_grad[1]:  # rows of dW that can be non-zero, for the lazy optimizers
-            mark_touched_rows(weight, None if dense else idx)
-        return dx, dw, db, None, None, None
+            mark_touched_rows(weight, idx)
+        return dx if need_dx else None, dw, db, None, None, None
 
 
 class MePropLinear(nn.Module):

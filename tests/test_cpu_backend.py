@@ -17,6 +17,7 @@ import torch
 
 from mesimp_gpu.backends import load_backend
 from mesimp_gpu.backends.base import InvalidGradientError
+from mesimp_gpu.backends.cpu import DENSE_PRODUCTS_FRACTION
 from mesimp_gpu.backends.reference import ReferenceBackend, topk_mask
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode, random_indices
 
@@ -26,7 +27,8 @@ if shutil.which("c++") is None and shutil.which("g++") is None:
 #: (dtype, atol, rtol) of the products against the float64 reference
 TOLERANCES = [(torch.float32, 1e-4, 1e-4), (torch.float64, 1e-10, 1e-10)]
 
-#: (batch, in, out, k): 1 row, odd widths, k = 1, k = out, k > out, width 1, a few vectors wide
+#: (batch, in, out, k): 1 row, odd widths, k = 1, k = out, k > out, width 1, a few vectors wide;
+#: k / out on both sides of DENSE_PRODUCTS_FRACTION (sparse loops below, BLAS products above)
 SHAPES = [
     (1, 7, 5, 1),
     (1, 9, 9, 9),
@@ -91,6 +93,19 @@ def test_topk_backward_matches_reference(cpu, threads, seed, batch, n_in, n_out,
     assert dx.dtype == dtype and dw.dtype == dtype
     torch.testing.assert_close(dx, ref_dx, atol=atol, rtol=rtol)
     torch.testing.assert_close(dw, ref_dw, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("k", [8, 40], ids=["sparse-loops", "blas-products"])
+def test_need_dx_false_skips_only_dx(cpu, seed, k):
+    """Below and above DENSE_PRODUCTS_FRACTION of the 64 columns: same dW, idx and hits, no dx."""
+    assert (k > DENSE_PRODUCTS_FRACTION * 64) == (k == 40)
+    g, x, w = gradient(12, 64, torch.float32), torch.randn(12, 33), torch.randn(64, 33)
+    hits, hits_without = torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.long)
+    dx, dw, idx = cpu.topk_backward(g, x, w, k, hits)
+    none, dw_without, idx_without = cpu.topk_backward(g, x, w, k, hits_without, need_dx=False)
+    assert none is None and dx is not None
+    assert torch.equal(dw, dw_without) and torch.equal(idx, idx_without) and torch.equal(hits, hits_without)
+    torch.testing.assert_close(dw, REF.topk_backward(g, x, w, k)[1].float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch,n_in,n_out,k", SHAPES)

@@ -13,6 +13,7 @@ from mesimp_gpu.lazy_optim import (
     LazySGD,
     mark_touched_rows,
     take_touched_rows,
+    track_touched_rows,
 )
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 
@@ -27,11 +28,12 @@ def row_sparse_grad(p: nn.Parameter, rows: torch.Tensor) -> None:
 
 def test_record_unites_backward_passes_and_clears():
     w = nn.Parameter(torch.zeros(10, 3))
+    track_touched_rows(w)
     mark_touched_rows(w, torch.tensor([[4, 1], [1, 7]]))
     mark_touched_rows(w, torch.tensor([2]))
     assert take_touched_rows(w).tolist() == [1, 2, 4, 7]
-    assert TOUCHED_ROWS_ATTR not in w.__dict__
-    assert take_touched_rows(w) is None  # no record: dense update
+    assert w.__dict__[TOUCHED_ROWS_ATTR] == []  # re-armed, empty
+    assert take_touched_rows(w) is None  # no rows recorded: dense update
     mark_touched_rows(w, torch.tensor([3]))
     mark_touched_rows(w, None)
     mark_touched_rows(w, torch.tensor([5]))
@@ -40,8 +42,26 @@ def test_record_unites_backward_passes_and_clears():
     assert take_touched_rows(w) is None  # all touched: dense is cheaper
 
 
+def test_unarmed_weights_are_not_recorded():
+    """Weights of dense optimizers: backward leaves nothing on them."""
+    w = nn.Parameter(torch.zeros(10, 3))
+    mark_touched_rows(w, torch.tensor([1, 2]))
+    assert TOUCHED_ROWS_ATTR not in w.__dict__
+    layer = MePropLinear(12, 30, MePropConfig(mode=MePropMode.TOPK, k=3, backend="reference"))
+    torch.optim.Adam(layer.parameters())
+    layer(torch.randn(4, 12)).sum().backward()
+    assert TOUCHED_ROWS_ATTR not in layer.weight.__dict__
+
+
+def test_lazy_optimizer_arms_its_parameters():
+    p = nn.Parameter(torch.zeros(4, 2))
+    LazySGD([p], lr=0.1)
+    assert p.__dict__[TOUCHED_ROWS_ATTR] == []
+
+
 def test_record_stays_bounded_without_a_lazy_step():
     w = nn.Parameter(torch.zeros(50, 2))
+    track_touched_rows(w)
     for i in range(10 * MAX_PENDING):
         mark_touched_rows(w, torch.tensor([i % 40]))
     assert len(w.__dict__[TOUCHED_ROWS_ATTR]) <= MAX_PENDING + 1
@@ -51,6 +71,7 @@ def test_record_stays_bounded_without_a_lazy_step():
 @pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED, MePropMode.RANDOM])
 def test_meprop_backward_records_the_rows_of_dw(seed, mode):
     layer = MePropLinear(12, 30, MePropConfig(mode=mode, k=3, backend="reference"))
+    LazySGD(layer.parameters(), lr=0.1)
     layer(torch.randn(4, 12)).pow(2).sum().backward()
     nonzero_rows = layer.weight.grad.abs().sum(dim=1).nonzero().squeeze(1)
     rows = take_touched_rows(layer.weight)
@@ -61,6 +82,7 @@ def test_meprop_backward_records_the_rows_of_dw(seed, mode):
 
 def test_dense_meprop_records_every_row(seed):
     layer = MePropLinear(5, 6, MePropConfig(mode=MePropMode.TOPK, k=6, backend="reference"))
+    LazySGD(layer.parameters(), lr=0.1)
     layer(torch.randn(3, 5)).sum().backward()
     assert layer.weight.__dict__[TOUCHED_ROWS_ATTR] == [None]
 

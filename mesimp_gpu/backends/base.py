@@ -75,9 +75,13 @@ class Backend(ABC):
         """
 
     def topk_backward(
-        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-example meProp: select, then the sparse products. Returns ``(dx, dW, idx)``."""
+        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None, need_dx: bool = True
+    ) -> tuple[Tensor | None, Tensor, Tensor]:
+        """Per-example meProp: select, then the sparse products. Returns ``(dx, dW, idx)``.
+
+        ``need_dx=False`` says the caller discards ``dx`` (a first layer); a backend may then skip it
+        and return None in its place.
+        """
         idx = self.topk_indices(g, k)
         if hits is not None:
             bincount_hits(hits, idx)

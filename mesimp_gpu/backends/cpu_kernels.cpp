@@ -359,12 +359,13 @@ void dw_rows(const Buckets<T>& bk, const T* x, int64_t rows, int64_t n_out, int6
   });
 }
 
-// dx = G_k @ w (one task per example) and dW = G_k.T @ x (one task per output row) for given idx.
+// dx = G_k @ w (one task per example; skipped when dx is null) and dW = G_k.T @ x (one task per
+// output row) for given idx.
 template <typename T>
 void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int64_t rows, int64_t n_out,
                      int64_t n_in, int64_t k, int64_t* hits, T* dx, T* dw) {
   const Buckets<T> bk = bucket_by_column(g, idx, rows, n_out, k, hits);
-  at::parallel_for(0, rows, grain_for(k * n_in), [&](int64_t begin, int64_t end) {
+  if (dx != nullptr) at::parallel_for(0, rows, grain_for(k * n_in), [&](int64_t begin, int64_t end) {
     std::vector<T> coef(k);
     for (int64_t b = begin; b < end; ++b) dx_row(g + b * n_out, idx + b * k, k, w, n_in, coef.data(), dx + b * n_in);
   });
@@ -372,7 +373,8 @@ void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int
 }
 
 // Selection, hits and both products: each example's row of dx is computed right after its
-// selection, while its gradient row is in cache. Returns false (and computes no dW) if g is non-finite.
+// selection, while its gradient row is in cache (no dx when dx is null). Returns false (and computes
+// no dW) if g is non-finite.
 template <typename T>
 bool topk_products(const T* g, const T* x, const T* w, int64_t rows, int64_t n_out, int64_t n_in, int64_t k,
                    int64_t* idx, int64_t* hits, T* dx, T* dw) {
@@ -385,7 +387,7 @@ bool topk_products(const T* g, const T* x, const T* w, int64_t rows, int64_t n_o
         finite = false;
         return;
       }
-      dx_row(g + b * n_out, idx + b * k, k, w, n_in, coef.data(), dx + b * n_in);
+      if (dx != nullptr) dx_row(g + b * n_out, idx + b * k, k, w, n_in, coef.data(), dx + b * n_in);
     }
   });
   if (!finite) return false;
@@ -481,10 +483,11 @@ std::tuple<torch::Tensor, bool> topk_indices(const torch::Tensor& g, int64_t k) 
   return {idx, finite};
 }
 
-// Products with given kept columns -> (dx [B, in], dW [out, in]); adds the column counts to hits.
+// Products with given kept columns -> (dx [B, in] or undefined when need_dx is false, dW [out, in]);
+// adds the column counts to hits.
 std::tuple<torch::Tensor, torch::Tensor> sparse_backward(const torch::Tensor& g, const torch::Tensor& idx,
                                                          const torch::Tensor& x, const torch::Tensor& w,
-                                                         const c10::optional<torch::Tensor>& hits) {
+                                                         const c10::optional<torch::Tensor>& hits, bool need_dx) {
   check_inputs(g, x, w);
   TORCH_CHECK(idx.dim() == 2 && idx.size(0) == g.size(0) && idx.scalar_type() == torch::kLong && idx.is_contiguous(),
               "idx must be a contiguous int64 [B, k] tensor");
@@ -493,31 +496,34 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_backward(const torch::Tensor& g,
     TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < w.size(0), "idx holds a column outside [0, ",
                 w.size(0), ")");
   }
-  auto dx = torch::empty_like(x);
+  auto dx = need_dx ? torch::empty_like(x) : torch::Tensor();
   auto dw = BufferPool::instance().empty(w.sizes(), w.options());
   int64_t* h = hits_ptr(hits, w.size(0));
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_backward", [&] {
     sparse_products(g.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                    g.size(0), w.size(0), w.size(1), idx.size(1), h, dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+                    g.size(0), w.size(0), w.size(1), idx.size(1), h, need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                    dw.data_ptr<scalar_t>());
   });
   return {dx, dw};
 }
 
-// Selection, hits and both products in one call -> (dx, dW, idx, finite flag). When g is
-// non-finite, dx, dW and idx are unspecified and hits is unchanged.
+// Selection, hits and both products in one call -> (dx or undefined when need_dx is false, dW, idx,
+// finite flag). When g is non-finite, dx, dW and idx are unspecified and hits is unchanged.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, bool> topk_backward(const torch::Tensor& g, const torch::Tensor& x,
                                                                             const torch::Tensor& w, int64_t k,
-                                                                            const c10::optional<torch::Tensor>& hits) {
+                                                                            const c10::optional<torch::Tensor>& hits,
+                                                                            bool need_dx) {
   check_inputs(g, x, w);
   TORCH_CHECK(k >= 1 && k <= g.size(1), "k must lie in [1, ", g.size(1), "], got ", k);
   auto idx = torch::empty({g.size(0), k}, g.options().dtype(torch::kLong));
-  auto dx = torch::empty_like(x);
+  auto dx = need_dx ? torch::empty_like(x) : torch::Tensor();
   auto dw = BufferPool::instance().empty(w.sizes(), w.options());
   int64_t* h = hits_ptr(hits, w.size(0));
   bool finite = true;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "topk_backward", [&] {
     finite = topk_products(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), g.size(0), w.size(0),
-                           w.size(1), k, idx.data_ptr<int64_t>(), h, dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>());
+                           w.size(1), k, idx.data_ptr<int64_t>(), h, need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                           dw.data_ptr<scalar_t>());
   });
   return {dx, dw, idx, finite};
 }

@@ -158,8 +158,9 @@ class CupyBackend(Backend):
         return meprop_dx(vals, idx, weight).to(x.dtype), meprop_dw(vals, idx, x, weight.shape[0]).to(weight.dtype)
 
     def topk_backward(
-        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None
+        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None, need_dx: bool = True
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # dx comes out of the selection kernel itself, so need_dx=False saves nothing here
         check_finite(g)
         vals, idx, dx = topk_dx(g.contiguous(), check_k(k, g.shape[1]), weight, hits)
         return dx.to(x.dtype), meprop_dw(vals, idx, x, weight.shape[0]).to(weight.dtype), idx

@@ -65,8 +65,9 @@ class TritonBackend(Backend):
         return dx.to(x.dtype), dw.to(weight.dtype)
 
     def topk_backward(
-        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None
+        self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None, need_dx: bool = True
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # dx comes out of the selection kernel itself, so need_dx=False saves nothing here
         self._check_device(g, x, weight)
         check_finite(g)
         vals, idx, dx = topk_dx(g, check_k(k, g.shape[1]), weight, hits)
