@@ -57,8 +57,8 @@ class BenchConfig:
     quick: bool = False  # True: the ~one-minute preset (QUICK); recorded in the results
     threads: int = 0  # CPU threads for torch (and the cpu backend); 0: all cores of this process
     batches: tuple[int, ...] = (10, 100, 1024)  # layer and topk suites: minibatch sizes
-    widths: tuple[int, ...] = (500, 2048, 8192)  # layer and topk suites: layer width n (in = out = n)
-    ks: tuple[int, ...] = (5, 20, 160)  # kept entries per example; values >= n are left out
+    widths: tuple[int, ...] = (500, 2048, 4096, 8192)  # layer and topk suites: layer width n (in = out = n)
+    ks: tuple[int, ...] = (5, 20, 128, 160)  # kept entries per example; values >= n are left out
     k_fraction: float = 1 / 16  # also k = round(n * k_fraction) per width; 0 disables
     cpu_max_gflop: float = 100.0  # on CPU, skip layer shapes whose dense forward+backward exceeds this
     memory_limit_gib: float = 4.0  # skip a provider whose temporaries would exceed this (e.g. W[idx] gathers)
@@ -67,7 +67,7 @@ class BenchConfig:
     max_repeats: int = 50  # timed samples per provider, at most
     budget_s: float = 4.0  # target timed seconds per configuration (all providers, one pass)
     min_sample_s: float = 2e-3  # calls are looped until one sample lasts this long (timer resolution)
-    train_limit: int = 10_000  # train suite: first N training images (and N // 10 dev/test)
+    train_limit: int | None = None  # train suite: first N training images (and N // 10 dev/test); None: all
     train_epochs: int = 2  # train suite: epochs per method; the median epoch is reported
     train_k: int = 20  # train suite: k of meProp (the paper's MNIST setting)
     mesimp_k: int = 160  # train suite: k of meSimp (the meSimp reference's MNIST setting)
@@ -90,7 +90,7 @@ class BenchConfig:
             raise ValueError(f"need 1 <= --min-repeats <= --max-repeats, got {self.min_repeats}, {self.max_repeats}")
         if self.warmup < 0 or self.budget_s <= 0 or self.min_sample_s <= 0:
             raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
-        if self.train_limit < 1 or self.train_epochs < 1 or self.train_k < 1 or self.mesimp_k < 1:
+        if (self.train_limit is not None and self.train_limit < 1) or self.train_epochs < 1 or self.train_k < 1 or self.mesimp_k < 1:
             raise ValueError("--train-limit, --train-epochs, --train-k and --mesimp-k must be at least 1")
 
     @property

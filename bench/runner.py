@@ -66,8 +66,9 @@ def notes_for(config: BenchConfig, device: torch.device) -> list[str]:
         notes.append(f"layer shapes whose dense forward+backward exceeds {config.cpu_max_gflop:g} GFLOP are skipped "
                      "on CPU (a single call would take seconds)")
     if Suite.TRAIN in config.suites:
-        notes.append(f"train suite: first {config.train_limit} MNIST training images, {config.train_epochs} epoch(s) "
-                     "per method; full-epoch times are extrapolated and accuracies are those of this short run")
+        images = "all 55,000" if config.train_limit is None else f"the first {config.train_limit}"
+        notes.append(f"train suite: {images} MNIST training images, {config.train_epochs} epoch(s) per method, "
+                     "methods taking turns by epoch; accuracies are those of this short run")
     load, cores = os.getloadavg()[0], all_cores()
     if device.type == "cpu" and config.thread_count > 1 and load > cores:
         notes.append(f"the machine was busy (load average {load:.1f} on {cores} cores): with {config.thread_count} "

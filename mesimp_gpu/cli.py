@@ -84,6 +84,9 @@ def train_mnist_command(
     optimizer: OptimizerName = typer.Option(_DEFAULT.optimizer, help="Update rule (Adam 0.9/0.999/1e-8, AdaGrad eps 1e-6, SGD)."),
     lr: float = typer.Option(_DEFAULT.lr, help="Learning rate."),
     clip: float = typer.Option(_DEFAULT.clip, help="Element-wise gradient clipping bound; 0 disables."),
+    lazy: bool = typer.Option(_DEFAULT.lazy, help="Adam or SGD update only the weight rows that per-example meProp "
+                              "touched in the step (their moments decay only there: slightly different from "
+                              "Adam); other parameters get the full update."),
     grad_sum: bool = typer.Option(_DEFAULT.grad_sum, "--grad-sum/--grad-mean",
                                   help="Sum the loss over the minibatch (the reference) or average it."),
     chunks: int = typer.Option(_DEFAULT.chunks, help="Dev evaluations (and meSimp prune steps) per epoch; test is "
@@ -126,8 +129,8 @@ def train_mnist_command(
     with user_errors():
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
-            batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, grad_sum=grad_sum, chunks=chunks,
-            prune=prune, cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits,
+            batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy, grad_sum=grad_sum,
+            chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
         )
@@ -184,7 +187,8 @@ def bench_command(
     max_repeats: Optional[int] = typer.Option(None, help=f"Samples per provider, at most. Default: {_BENCH.max_repeats}."),
     budget_s: Optional[float] = typer.Option(None, help=f"Timed seconds per shape. Default: {_BENCH.budget_s:g}."),
     min_sample_s: Optional[float] = typer.Option(None, help=f"Least seconds per sample. Default: {_BENCH.min_sample_s:g}."),
-    train_limit: Optional[int] = typer.Option(None, help=f"Train suite images. Default: {_BENCH.train_limit}."),
+    train_limit: Optional[int] = typer.Option(None, help="Train suite: first N training images only (default: all 55,000; "
+                                              "full-epoch times are then extrapolated)."),
     train_epochs: Optional[int] = typer.Option(None, help=f"Train suite epochs. Default: {_BENCH.train_epochs}."),
     train_k: Optional[int] = typer.Option(None, help=f"Train suite meProp k. Default: {_BENCH.train_k}."),
     mesimp_k: Optional[int] = typer.Option(None, help=f"Train suite meSimp k. Default: {_BENCH.mesimp_k}."),

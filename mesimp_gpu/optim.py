@@ -23,11 +23,26 @@ ADAM_EPS = 1e-8
 ADAGRAD_EPS = 1e-6
 
 
-def build_optimizer(name: OptimizerName, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """A fresh optimizer of kind ``name`` over ``params`` with the papers' hyper-parameters."""
+def build_optimizer(
+    name: OptimizerName, params: Iterable[nn.Parameter], lr: float, lazy: bool = False, clip: float | None = None
+) -> torch.optim.Optimizer:
+    """A fresh optimizer of kind ``name`` over ``params`` with the papers' hyper-parameters.
+
+    ``lazy`` picks :class:`~mesimp_gpu.lazy_optim.LazyAdam` / :class:`~mesimp_gpu.lazy_optim.LazySGD`,
+    which update only the rows per-example meProp touched and clip the gradient themselves at
+    ``clip`` (a dense optimizer leaves clipping to :func:`clip_elementwise`).
+    """
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
     params = list(params)
+    if lazy:
+        from mesimp_gpu.lazy_optim import LazyAdam, LazySGD  # lazy_optim imports the backends
+
+        if name is OptimizerName.ADAM:
+            return LazyAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, clip_value=clip)
+        if name is OptimizerName.SGD:
+            return LazySGD(params, lr=lr, clip_value=clip)
+        raise ValueError(f"--lazy needs --optimizer adam or sgd, got {name.value}; drop --lazy for {name.value}")
     if name is OptimizerName.ADAM:
         return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     if name is OptimizerName.ADAGRAD:

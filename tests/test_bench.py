@@ -177,7 +177,10 @@ def test_harness_runs_writes_and_redraws(tmp_path):
     assert all(r["bandwidth_gbs"] > 0 for r in topk)
 
     train = [r for r in rows if r["suite"] == Suite.TRAIN.value]
-    assert [r["method"] for r in train][:2] == ["dense", "meprop"]
+    assert [r["label"] for r in train] == ["dense", "dense --lazy", "meprop", "meprop --lazy", "mesimp",
+                                           "mesimp --lazy"]
+    assert all(r["lazy"] == r["label"].endswith("--lazy") for r in train)
+    assert train[0]["run_speedup"] == 1.0 and all(r["run_s"] > 0 for r in train)
     assert all(set(r["phases_s"]) == {"forward", "backward", "update"} for r in train)
     assert all(0 <= r["test_acc"] <= 100 and r["images"] == 100 for r in train)
     assert all(r["repeats"] == 2 for r in train)  # methods take turns by epoch, continued from checkpoints

@@ -2,6 +2,7 @@
 and writes its files; plus the optimizers' clipping and moment reset."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from mesimp_gpu.data.mnist import load_mnist
 from mesimp_gpu.optim import OptimizerName, build_optimizer, clip_elementwise, reset_moments
-from mesimp_gpu.train.mnist import Method, MnistConfig, train_mnist
+from mesimp_gpu.lazy_optim import LazyAdam
+from mesimp_gpu.train.mnist import Method, MnistConfig, MnistTrainer, train_mnist
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +49,11 @@ def test_same_seed_same_run(tmp_path: Path, mnist) -> None:
     assert losses(a) != losses(c)
 
 
-def test_resume_continues_exactly(tmp_path: Path, mnist) -> None:
-    full = train_mnist(small(tmp_path / "full", epochs=2), data=mnist)
-    train_mnist(small(tmp_path / "cut", epochs=1), data=mnist)
-    resumed = train_mnist(small(tmp_path / "cut", epochs=2), resume=True, data=mnist)
+@pytest.mark.parametrize("lazy", [False, True], ids=["dense-adam", "lazy-adam"])
+def test_resume_continues_exactly(tmp_path: Path, mnist, lazy) -> None:
+    full = train_mnist(small(tmp_path / "full", epochs=2, lazy=lazy), data=mnist)
+    train_mnist(small(tmp_path / "cut", epochs=1, lazy=lazy), data=mnist)
+    resumed = train_mnist(small(tmp_path / "cut", epochs=2, lazy=lazy), resume=True, data=mnist)
     assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
     assert resumed["final"]["test_acc_at_best_dev"] == full["final"]["test_acc_at_best_dev"]
 
@@ -77,11 +80,30 @@ def test_resume_without_checkpoint_or_with_corrupt_one(tmp_path: Path, mnist) ->
         (dict(k=600, hidden=500), "exceeds the hidden width"),
         (dict(lr=0.0), "--lr must be positive"),
         (dict(limit=0), "--limit must be at least 1"),
+        (dict(lazy=True, optimizer=OptimizerName.ADAGRAD), "--lazy needs --optimizer adam or sgd"),
     ],
 )
 def test_impossible_settings(tmp_path: Path, overrides, message) -> None:
     with pytest.raises(ValueError, match=message):
         small(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize("method", [Method.MEPROP, Method.MESIMP])
+def test_lazy_training_learns_and_updates_rows_only(tmp_path: Path, mnist, method) -> None:
+    """A lazy run learns; rows of a hidden weight that meProp never selected in a step stay put in it."""
+    config = small(tmp_path, method=method, lazy=True, epochs=2)
+    results = train_mnist(config, data=mnist)
+    assert results["final"]["test_acc_at_best_dev"] > 35.0
+    trainer = MnistTrainer(replace(config, out=str(tmp_path / "steps")), mnist)
+    assert isinstance(trainer.optimizer, LazyAdam)
+    layer = trainer.model.layers[0]
+    x, y = trainer.train_set.images[:3], trainer.train_set.labels[:3]  # 3 examples x k = 8: at most 24 of 48 rows
+    trainer.update_step(lambda: trainer.loss_fn(trainer.model(x), y))
+    trainer.update_step(lambda: trainer.loss_fn(trainer.model(x), y))  # Adam's moments move touched rows again
+    before = layer.weight.detach().clone()
+    trainer.update_step(lambda: trainer.loss_fn(trainer.model(x), y))
+    moved = (layer.weight.detach() != before).any(dim=1).sum()
+    assert 0 < moved <= 3 * config.k
 
 
 def test_clip_is_elementwise() -> None:

@@ -68,7 +68,7 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
     """Validate what every trainer config shares; ``positive`` names further settings that must be >= 1.
 
     Raises ValueError naming the CLI option: ``positive`` entries, ``cycle`` >= 0, ``limit`` and
-    ``threads`` >= 1 when given, ``lr`` > 0 and ``clip`` > 0 when given.
+    ``threads`` >= 1 when given, ``lr`` > 0, ``clip`` > 0 when given, ``lazy`` only with Adam or SGD.
     """
     for name, value in positive.items():
         if value < 1:
@@ -82,6 +82,8 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
         raise ValueError(f"--lr must be positive, got {config.lr}")
     if config.clip is not None and config.clip <= 0:
         raise ValueError(f"--clip must be positive, got {config.clip}")
+    if config.lazy and config.optimizer.value not in ("adam", "sgd"):
+        raise ValueError(f"--lazy needs --optimizer adam or sgd, got {config.optimizer.value}; drop --lazy for it")
 
 
 def seed_everything(seed: int) -> None:
@@ -252,7 +254,8 @@ class Trainer:
     A subclass loads its data, then calls :meth:`start`; it implements :meth:`build_model`
     (``hidden_sizes`` None: the configured sizes) and :attr:`sizes`, and may extend
     :meth:`architecture_state` / :meth:`restore_records` for state outside the ``state_dict``.
-    Its config needs ``device``, ``threads``, ``backend``, ``out``, ``seed``, ``optimizer``, ``lr``, ``clip``.
+    Its config needs ``device``, ``threads``, ``backend``, ``out``, ``seed``, ``optimizer``, ``lr``, ``clip``,
+    ``lazy``.
     """
 
     #: config fields that may differ between a run and its resumption
@@ -270,7 +273,7 @@ class Trainer:
         """Seed, build the model and optimizer, and reset the run's records."""
         seed_everything(self.config.seed)
         self.model = self.build_model(None)
-        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
+        self.optimizer = self.new_optimizer()
         self.timer = PhaseTimer(self.device)
         self.best = BestTracker()
         self.history: list[dict[str, Any]] = []
@@ -278,6 +281,11 @@ class Trainer:
         self.position = (0, 0)  # (epoch, chunk) of the next piece to train
         self.step = 0
         self.initial_params = self.parameter_count()
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """The configured optimizer over the current model (lazy or dense, see :func:`build_optimizer`)."""
+        c = self.config
+        return build_optimizer(c.optimizer, self.model.parameters(), c.lr, lazy=c.lazy, clip=c.clip)
 
     def build_model(self, hidden_sizes: list[int] | None) -> torch.nn.Module:
         """The model with this run's settings, on the run's device; ``hidden_sizes`` for a shrunk checkpoint."""
@@ -304,7 +312,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         with self.timer.phase("update"):
-            clip_elementwise(self.model.parameters(), self.config.clip)
+            if not self.config.lazy:  # a lazy optimizer clips the rows it updates itself
+                clip_elementwise(self.model.parameters(), self.config.clip)
             self.optimizer.step()
         self.step += 1
         return float(loss.detach())
@@ -455,7 +464,7 @@ class Trainer:
         self.model = self.build_model(state["hidden_sizes"])
         self.model.load_state_dict(state["model"])
         self.restore_records(state)
-        self.optimizer = build_optimizer(self.config.optimizer, self.model.parameters(), self.config.lr)
+        self.optimizer = self.new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
         self.position, self.step = tuple(state["position"]), state["step"]
         self.history, self.epoch_times = state["history"], state["epoch_times"]
