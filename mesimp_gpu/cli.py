@@ -84,9 +84,9 @@ def train_mnist_command(
     optimizer: OptimizerName = typer.Option(_DEFAULT.optimizer, help="Update rule (Adam 0.9/0.999/1e-8, AdaGrad eps 1e-6, SGD)."),
     lr: float = typer.Option(_DEFAULT.lr, help="Learning rate."),
     clip: float = typer.Option(_DEFAULT.clip, help="Element-wise gradient clipping bound; 0 disables."),
-    lazy: bool = typer.Option(_DEFAULT.lazy, help="Adam or SGD update only the weight rows that per-example meProp "
-                              "touched in the step (their moments decay only there: slightly different from "
-                              "Adam); other parameters get the full update."),
+    lazy: bool = typer.Option(_DEFAULT.lazy, help="Update only the weight rows that per-example meProp touched in "
+                              "the step (exact for SGD and AdaGrad; Adam's moments then decay only on those rows, "
+                              "slightly different from Adam); other parameters get the full update."),
     grad_sum: bool = typer.Option(_DEFAULT.grad_sum, "--grad-sum/--grad-mean",
                                   help="Sum the loss over the minibatch (the reference) or average it."),
     chunks: int = typer.Option(_DEFAULT.chunks, help="Dev evaluations (and meSimp prune steps) per epoch; test is "

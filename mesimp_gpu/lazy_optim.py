@@ -11,7 +11,8 @@ a parameter that meSimp replaced since the last step) get the ordinary dense upd
 
 Semantics:
 
-- ``LazySGD`` without momentum is exactly SGD. With momentum, the buffers of untouched rows are not
+- ``LazySGD`` without momentum is exactly SGD, and ``LazyAdagrad`` is exactly AdaGrad (a zero
+  gradient changes neither its accumulator nor the row). With momentum, the buffers of untouched rows are not
   decayed and those rows do not move (dense SGD would keep moving them with the decayed momentum).
 - ``LazyAdam`` decays ``exp_avg`` and ``exp_avg_sq`` only on touched rows and moves only those rows;
   the step counter (bias correction) is per parameter, as in dense Adam. This differs slightly from
@@ -247,6 +248,49 @@ class LazyAdam(LazyOptimizer):
         # torch.optim.Adam's update: p -= lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
         denom = (v.sqrt() / (1.0 - beta2**t) ** 0.5).add_(group["eps"])
         step = m.div(denom).mul_(-group["lr"] / (1.0 - beta1**t))
+        if rows is None:
+            p.add_(step)
+        else:
+            p.index_add_(0, rows, step)
+
+
+class LazyAdagrad(LazyOptimizer):
+    """AdaGrad on the rows meProp touched only: exactly :class:`torch.optim.Adagrad` (no lr decay), since a
+    zero gradient changes neither a row nor its accumulator. State keys match torch's (``step``, ``sum``).
+
+    ``fused`` as in :class:`LazySGD`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        lr: float = 1e-2,
+        eps: float = 1e-10,
+        clip_value: float | None = None,
+        fused: bool | None = None,
+    ) -> None:
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        super().__init__(params, dict(lr=lr, eps=eps, clip_value=clip_value), fused)
+
+    def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["sum"] = torch.zeros_like(p)
+        state["step"] += 1
+        sum_all = state["sum"]
+        if self.use_kernels(p):
+            clip = group["clip_value"] or 0.0  # the kernel reads <= 0 as "no clipping"
+            self.kernels.lazy_adagrad_(p, p.grad, sum_all, rows, group["lr"], group["eps"], clip)
+            return
+        g = (p.grad.clone() if rows is None else p.grad.index_select(0, rows)).contiguous()  # (r, ...) own copy
+        g = clipped(g, group["clip_value"])
+        s = sum_all if rows is None else sum_all.index_select(0, rows)
+        s.addcmul_(g, g)
+        if rows is not None:
+            sum_all.index_copy_(0, rows, s)
+        step = g.div_(s.sqrt().add_(group["eps"])).mul_(-group["lr"])
         if rows is None:
             p.add_(step)
         else:

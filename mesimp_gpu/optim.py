@@ -28,21 +28,21 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """A fresh optimizer of kind ``name`` over ``params`` with the papers' hyper-parameters.
 
-    ``lazy`` picks :class:`~mesimp_gpu.lazy_optim.LazyAdam` / :class:`~mesimp_gpu.lazy_optim.LazySGD`,
-    which update only the rows per-example meProp touched and clip the gradient themselves at
-    ``clip`` (a dense optimizer leaves clipping to :func:`clip_elementwise`).
+    ``lazy`` picks :class:`~mesimp_gpu.lazy_optim.LazyAdam`, ``LazyAdagrad`` or ``LazySGD``, which
+    update only the rows per-example meProp touched and clip the gradient themselves at ``clip``
+    (a dense optimizer leaves clipping to :func:`clip_elementwise`).
     """
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
     params = list(params)
     if lazy:
-        from mesimp_gpu.lazy_optim import LazyAdam, LazySGD  # lazy_optim imports the backends
+        from mesimp_gpu.lazy_optim import LazyAdagrad, LazyAdam, LazySGD  # lazy_optim imports the backends
 
         if name is OptimizerName.ADAM:
             return LazyAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, clip_value=clip)
-        if name is OptimizerName.SGD:
-            return LazySGD(params, lr=lr, clip_value=clip)
-        raise ValueError(f"--lazy needs --optimizer adam or sgd, got {name.value}; drop --lazy for {name.value}")
+        if name is OptimizerName.ADAGRAD:
+            return LazyAdagrad(params, lr=lr, eps=ADAGRAD_EPS, clip_value=clip)
+        return LazySGD(params, lr=lr, clip_value=clip)
     if name is OptimizerName.ADAM:
         return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     if name is OptimizerName.ADAGRAD:

@@ -9,6 +9,7 @@ from torch import nn
 from mesimp_gpu.lazy_optim import (
     MAX_PENDING,
     TOUCHED_ROWS_ATTR,
+    LazyAdagrad,
     LazyAdam,
     LazySGD,
     mark_touched_rows,
@@ -103,6 +104,24 @@ def test_lazy_sgd_is_sgd(seed, clip, fused):
         expected = before - 0.1 * g
         opt.step()
         torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("fused", FUSED)
+@pytest.mark.parametrize("clip", [None, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lazy_adagrad_is_adagrad(seed, clip, fused, dtype):
+    """Step by step equal to torch.optim.Adagrad on the same (clipped) row-sparse gradients."""
+    p = nn.Parameter(torch.randn(20, 7, dtype=dtype))
+    twin = nn.Parameter(p.detach().clone())
+    opt = LazyAdagrad([p], lr=0.1, eps=1e-6, clip_value=clip, fused=fused)
+    ref = torch.optim.Adagrad([twin], lr=0.1, eps=1e-6)
+    for rows in ([3, 5, 11], [0, 5], [19], [5]):
+        row_sparse_grad(p, torch.tensor(rows))
+        twin.grad = p.grad.clone() if clip is None else p.grad.clamp(-clip, clip)
+        opt.step()
+        ref.step()
+        torch.testing.assert_close(p.detach(), twin.detach())
+    torch.testing.assert_close(opt.state[p]["sum"], ref.state[twin]["sum"])
 
 
 @pytest.mark.parametrize("fused", FUSED)

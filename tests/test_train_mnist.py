@@ -80,7 +80,6 @@ def test_resume_without_checkpoint_or_with_corrupt_one(tmp_path: Path, mnist) ->
         (dict(k=600, hidden=500), "exceeds the hidden width"),
         (dict(lr=0.0), "--lr must be positive"),
         (dict(limit=0), "--limit must be at least 1"),
-        (dict(lazy=True, optimizer=OptimizerName.ADAGRAD), "--lazy needs --optimizer adam or sgd"),
     ],
 )
 def test_impossible_settings(tmp_path: Path, overrides, message) -> None:

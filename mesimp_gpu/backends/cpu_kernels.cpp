@@ -599,9 +599,9 @@ void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<t
   const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
   const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_sgd_", [&] {
-    scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    scalar_t* bp = momentum > 0 ? buf->data_ptr<scalar_t>() : nullptr;
+    scalar_t* __restrict__ pp = p.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ bp = momentum > 0 ? buf->data_ptr<scalar_t>() : nullptr;
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t mu = scalar_t(momentum), step = scalar_t(lr);
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
@@ -630,10 +630,11 @@ void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, tor
   const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
   const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adam_", [&] {
-    scalar_t* pp = p.data_ptr<scalar_t>();
-    const scalar_t* gp = grad.data_ptr<scalar_t>();
-    scalar_t* mp = m.data_ptr<scalar_t>();
-    scalar_t* vp = v.data_ptr<scalar_t>();
+    // distinct tensors (checked by shape, owned by the optimizer): restrict lets the loop vectorise
+    scalar_t* __restrict__ pp = p.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ mp = m.data_ptr<scalar_t>();
+    scalar_t* __restrict__ vp = v.data_ptr<scalar_t>();
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t b1 = scalar_t(beta1), b2 = scalar_t(beta2), e_ = scalar_t(eps);
     const scalar_t step = scalar_t(lr / (1.0 - std::pow(beta1, t)));
@@ -648,6 +649,37 @@ void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, tor
           mp[j] = mj;
           vp[j] = vj;
           pp[j] -= step * mj / (std::sqrt(vj) * inv_bc2 + e_);
+        }
+      }
+    });
+  });
+}
+
+// In place, on the listed rows of p (all rows if none), AdaGrad with torch.optim.Adagrad's formula
+// (no lr decay, no weight decay): sum += g^2; p -= lr * g / (sqrt(sum) + eps), with g clamped as in
+// lazy_sgd_. A row whose gradient is zero is left unchanged by AdaGrad, so updating only the touched
+// rows is exact.
+void lazy_adagrad_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor sum,
+                   const c10::optional<torch::Tensor>& rows, double lr, double eps, double clip) {
+  TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
+  check_state(p, grad, "grad");
+  check_state(p, sum, "sum");
+  const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
+  const RowSet rs = row_set(rows, p.size(0));
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adagrad_", [&] {
+    scalar_t* __restrict__ pp = p.data_ptr<scalar_t>();
+    const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
+    scalar_t* __restrict__ sp = sum.data_ptr<scalar_t>();
+    const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
+    const scalar_t step = scalar_t(lr), e_ = scalar_t(eps);
+    at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t off = rs[i] * width;
+        for (int64_t j = off; j < off + width; ++j) {
+          const scalar_t g = std::min(std::max(gp[j], -c), c);
+          const scalar_t sj = sp[j] + g * g;
+          sp[j] = sj;
+          pp[j] -= step * g / (std::sqrt(sj) + e_);
         }
       }
     });

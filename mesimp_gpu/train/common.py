@@ -68,7 +68,7 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
     """Validate what every trainer config shares; ``positive`` names further settings that must be >= 1.
 
     Raises ValueError naming the CLI option: ``positive`` entries, ``cycle`` >= 0, ``limit`` and
-    ``threads`` >= 1 when given, ``lr`` > 0, ``clip`` > 0 when given, ``lazy`` only with Adam or SGD.
+    ``threads`` >= 1 when given, ``lr`` > 0 and ``clip`` > 0 when given.
     """
     for name, value in positive.items():
         if value < 1:
@@ -82,8 +82,6 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
         raise ValueError(f"--lr must be positive, got {config.lr}")
     if config.clip is not None and config.clip <= 0:
         raise ValueError(f"--clip must be positive, got {config.clip}")
-    if config.lazy and config.optimizer.value not in ("adam", "sgd"):
-        raise ValueError(f"--lazy needs --optimizer adam or sgd, got {config.optimizer.value}; drop --lazy for it")
 
 
 def seed_everything(seed: int) -> None:

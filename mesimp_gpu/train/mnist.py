@@ -60,7 +60,7 @@ class MnistConfig:
     optimizer: OptimizerName = OptimizerName.ADAM
     lr: float = 1e-3  # learning rate (the papers: Adam 0.001, AdaGrad 0.1)
     clip: float | None = 5.0  # element-wise gradient clipping; None disables
-    lazy: bool = False  # Adam/SGD update only the weight rows meProp touched (mesimp_gpu.lazy_optim)
+    lazy: bool = False  # update only the weight rows meProp touched (mesimp_gpu.lazy_optim)
     grad_sum: bool = True  # sum the loss over the minibatch (reference) instead of averaging
     chunks: int = 8  # dev evaluations per epoch ("IterPerEpoch" of the reference)
     prune: float = 0.1  # meSimp: remove neurons with hits < floor(refer * prune), in [0, 1)
