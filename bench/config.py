@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from mesimp_gpu.optim import OptimizerName
+
 
 class Suite(str, enum.Enum):
     """What to measure. The CUDA calibration is not a suite: it runs with every ``--device cuda`` run."""
@@ -71,6 +73,7 @@ class BenchConfig:
     train_epochs: int = 2  # train suite: epochs per method; the median epoch is reported
     train_k: int = 20  # train suite: k of meProp (the paper's MNIST setting)
     mesimp_k: int = 160  # train suite: k of meSimp (the meSimp reference's MNIST setting)
+    train_optimizer: OptimizerName = OptimizerName.ADAM  # train suite: update rule, at its PAPER_LR
     data_dir: str | None = None  # MNIST folder; default: MESIMP_DATA_DIR, cache, download
     out_dir: str = "bench/results"  # where bench-<device>-<time>.json and its plots are written
     seed: int = 0  # seeds the inputs of every configuration

@@ -133,7 +133,8 @@ def train_section(doc: dict[str, Any]) -> str:
              "-".join(map(str, r["sizes"]))] for r in rows]
     return "\n".join([
         "## Training: MNIST MLP, seconds per epoch by phase", "",
-        f"{first['images']} training images, {first['epochs']} epoch(s), batch {first['batch']}, backend "
+        f"{first['images']} training images, {first['epochs']} epoch(s), batch {first['batch']}, "
+        f"{first.get('optimizer', 'adam')} at lr {first.get('lr', 1e-3):g}, backend "
         f"{first['backend']}; the median epoch is shown (a full 55,000-image epoch extrapolated linearly when fewer "
         "images were used), then the whole run; speedups are over plain dense. The accuracy is that of this short "
         "run (not the papers' 20 epochs).", "",

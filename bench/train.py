@@ -29,6 +29,7 @@ from mesimp_gpu.bench.common import row
 from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
 from mesimp_gpu.bench.timing import summarize
 from mesimp_gpu.data.mnist import Mnist
+from mesimp_gpu.optim import PAPER_LR
 from mesimp_gpu.train.common import PHASES
 from mesimp_gpu.train.mnist import Method, MnistConfig, train_mnist
 
@@ -58,7 +59,8 @@ def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
         for epoch in range(1, config.train_epochs + 1):
             for method, k, lazy in methods(config):
                 name = label(method, lazy)
-                settings = MnistConfig(method=method, k=k, lazy=lazy, epochs=epoch, device=config.device,
+                settings = MnistConfig(method=method, k=k, lazy=lazy, optimizer=config.train_optimizer,
+                                       lr=PAPER_LR[config.train_optimizer], epochs=epoch, device=config.device,
                                        backend=backend, out=str(Path(tmp) / name.replace(" ", "")),
                                        limit=config.train_limit, seed=config.seed + 1, progress=False)
                 log(f"train mnist {name} (k={k}): epoch {epoch}/{config.train_epochs} on {images} images")
@@ -73,7 +75,7 @@ def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
         rows.append(row(
             Suite.TRAIN, Provider.DENSE if method is Method.DENSE else Provider.TOPK, backend,
             method=method.value, lazy=settings.lazy, label=name, batch=settings.batch_size, width=settings.hidden,
-            layers=settings.layers, k=None if method is Method.DENSE else settings.k, images=images,
+            layers=settings.layers, optimizer=settings.optimizer.value, lr=settings.lr, k=None if method is Method.DENSE else settings.k, images=images,
             epochs=config.train_epochs, status="ok", median_s=stats.median, p20_s=stats.p20, p80_s=stats.p80,
             repeats=stats.repeats, phases_s={p: float(np.median([e[p] for e in epochs])) for p in PHASES},
             full_epoch_s=stats.median * FULL_TRAIN_IMAGES / images,

@@ -192,6 +192,9 @@ def bench_command(
     train_epochs: Optional[int] = typer.Option(None, help=f"Train suite epochs. Default: {_BENCH.train_epochs}."),
     train_k: Optional[int] = typer.Option(None, help=f"Train suite meProp k. Default: {_BENCH.train_k}."),
     mesimp_k: Optional[int] = typer.Option(None, help=f"Train suite meSimp k. Default: {_BENCH.mesimp_k}."),
+    train_optimizer: Optional[OptimizerName] = typer.Option(None, help="Train suite update rule, at the papers' "
+                                                            "learning rate (Adam 0.001, AdaGrad 0.1, SGD 0.1). "
+                                                            f"Default: {_BENCH.train_optimizer.value}."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (train suite)."),
     out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
     seed: Optional[int] = typer.Option(None, help=f"Seed of the inputs. Default: {_BENCH.seed}."),
@@ -214,7 +217,7 @@ def bench_command(
             k_fraction=k_fraction, cpu_max_gflop=cpu_max_gflop, memory_limit_gib=memory_limit_gib, warmup=warmup,
             min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, min_sample_s=min_sample_s,
             train_limit=train_limit, train_epochs=train_epochs, train_k=train_k, mesimp_k=mesimp_k,
-            data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir) if out_dir else None, seed=seed,
+            train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir) if out_dir else None, seed=seed,
         )
         run_main(config, shlex.join(["mesimp-gpu", *sys.argv[1:]]))
 

@@ -17,6 +17,8 @@ class OptimizerName(str, enum.Enum):
     SGD = "sgd"
 
 
+#: learning rates of the papers' MNIST runs (SGD: none given; 0.1 as for AdaGrad)
+PAPER_LR = {OptimizerName.ADAM: 1e-3, OptimizerName.ADAGRAD: 0.1, OptimizerName.SGD: 0.1}
 #: the papers' settings: Adam 0.9/0.999/1e-8; AdaGrad eps 1e-6
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
