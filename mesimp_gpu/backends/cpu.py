@@ -3,8 +3,9 @@
 Per-example meProp runs as one call that selects, counts meSimp hits and computes both products:
 
 - selection: a threshold selection per row in O(n) on the magnitudes' bit patterns (the maxima of
-  ``k`` strided groups bound the k-th largest magnitude from below, ``nth_element`` over the few
-  candidates finds it exactly), ties to the lower column; NaN/inf are detected in the same pass;
+  ``k`` strided groups bound the k-th largest magnitude from below; among the candidates at or above
+  that bound a radix select on the key bytes, finished by ``nth_element``, finds it exactly), ties
+  to the lower column; NaN/inf are detected in the same pass;
 - ``dx = G_k @ W``: one task per example, a weighted sum of its ``k`` rows of ``W``;
 - ``dW = G_k.T @ x``: the kept ``(example, value)`` pairs are bucketed by column, and one task per
   output row sums its bucket's rows of ``x``. Every row of ``dW`` is written by one thread in a fixed

@@ -155,6 +155,31 @@ inline int64_t compact_at_least(const K* keys, int64_t n, K lower, int32_t* cand
   return count;
 }
 
+// Below this many candidates nth_element is fastest; above it its mispredicted branches cost more
+// than the radix passes.
+constexpr int64_t kRadixFrom = 128;
+
+// The k-th largest (1-based) of a[0:count); reorders a. Radix select from the most significant byte:
+// a histogram of the current byte picks the bin that holds the k-th largest, its members move to the
+// front, and the next byte refines among them, down to a few candidates for nth_element.
+template <typename K>
+K kth_largest(K* a, int64_t count, int64_t k) {
+  for (int shift = 8 * int(sizeof(K)) - 8; count >= kRadixFrom && shift >= 0; shift -= 8) {
+    int64_t hist[256] = {};
+    for (int64_t i = 0; i < count; ++i) ++hist[(a[i] >> shift) & 0xff];
+    int bin = 255;
+    for (; hist[bin] < k; --bin) k -= hist[bin];  // bins above the k-th largest hold fewer than k keys
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; ++i) {  // branch-free compaction of the bin's keys
+      a[kept] = a[i];
+      kept += ((a[i] >> shift) & 0xff) == K(bin);
+    }
+    count = kept;
+  }
+  std::nth_element(a, a + (k - 1), a + count, std::greater<K>());
+  return a[k - 1];
+}
+
 // Top-k of one row of n entries by magnitude, ties to the lower column; writes k ascending columns.
 // Returns false when the row holds NaN or infinity (out is then unspecified).
 //
@@ -190,10 +215,9 @@ bool select_row(const T* row, int64_t n, int64_t k, int64_t* out, SelectScratch<
   const int64_t count = compact_at_least(keys, n, lower, cand);
   K* ck = s.cand_keys.data();
   for (int64_t i = 0; i < count; ++i) ck[i] = keys[cand[i]];
-  std::nth_element(ck, ck + (k - 1), ck + count, std::greater<K>());
-  const K kth = ck[k - 1];
+  const K kth = kth_largest(ck, count, k);
   int64_t above = 0;
-  for (int64_t i = 0; i < count; ++i) above += ck[i] > kth;
+  for (int64_t i = 0; i < count; ++i) above += keys[cand[i]] > kth;
   int64_t ties_left = k - above;
   int64_t kept = 0;
   for (int64_t i = 0; i < count && kept < k; ++i) {
