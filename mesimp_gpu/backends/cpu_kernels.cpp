@@ -218,16 +218,18 @@ bool select_row(const T* row, int64_t n, int64_t k, int64_t* out, SelectScratch<
   const K kth = kth_largest(ck, count, k);
   int64_t above = 0;
   for (int64_t i = 0; i < count; ++i) above += keys[cand[i]] > kth;
+  // Keep keys above kth and the first k - above keys equal to it, compacted in place (branch-free:
+  // for large k about half of the candidates are kept, and a branch would mispredict that often).
   int64_t ties_left = k - above;
   int64_t kept = 0;
-  for (int64_t i = 0; i < count && kept < k; ++i) {
+  for (int64_t i = 0; i < count; ++i) {
     const K key = keys[cand[i]];
-    const bool tie = key == kth && ties_left > 0;
-    if (key > kth || tie) {
-      out[kept++] = cand[i];
-      ties_left -= tie;
-    }
+    const int64_t tie = (key == kth) & (ties_left > 0);
+    cand[kept] = cand[i];
+    kept += (key > kth) | tie;
+    ties_left -= tie;
   }
+  for (int64_t t = 0; t < k; ++t) out[t] = cand[t];
   return true;
 }
 
