@@ -28,7 +28,7 @@ Semantics:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 
 import torch
@@ -71,16 +71,17 @@ def mark_touched_rows(weight: Tensor, rows: Tensor | None) -> None:
         pending[:] = [union_rows(pending, weight.shape[0])]
 
 
-def take_touched_rows(param: Tensor) -> Tensor | None:
+def take_touched_rows(param: Tensor, union: Callable[[list[Tensor], int], Tensor] = union_rows) -> Tensor | None:
     """Sorted unique rows recorded on ``param`` since the last call; re-arms an empty record.
 
     Returns None when the update must be dense: no record, a record of every row, or every row touched.
+    ``union`` merges the records (:func:`union_rows`, or the compiled one of the cpu backend).
     """
     pending = param.__dict__.get(TOUCHED_ROWS_ATTR)
     track_touched_rows(param)
     if not pending or pending[0] is None:
         return None
-    touched = union_rows(pending, param.shape[0])
+    touched = union(pending, param.shape[0])
     return None if touched.numel() == param.shape[0] else touched
 
 
@@ -146,7 +147,8 @@ class LazyOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                rows = take_touched_rows(p)
+                fast = self.kernels is not None and p.device.type == "cpu"
+                rows = take_touched_rows(p, self.kernels.union_rows if fast else union_rows)
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -203,8 +205,8 @@ class LazySGD(LazyOptimizer):
 class LazyAdam(LazyOptimizer):
     """Adam whose moments decay and whose rows move only where meProp touched; see the module docstring.
 
-    State keys match :class:`torch.optim.Adam` (``step``, ``exp_avg``, ``exp_avg_sq``), so helpers
-    that reset Adam's moments work unchanged. ``fused`` as in :class:`LazySGD`.
+    State keys match :class:`torch.optim.Adam` (``step``, a float here, ``exp_avg``, ``exp_avg_sq``),
+    so helpers that reset Adam's moments work unchanged. ``fused`` as in :class:`LazySGD`.
     """
 
     def __init__(
@@ -226,11 +228,11 @@ class LazyAdam(LazyOptimizer):
         beta1, beta2 = group["betas"]
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = 0.0  # a float, not torch's 0-d tensor: one step costs no tensor op
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         state["step"] += 1
-        t = float(state["step"])
+        t = state["step"]
         m_all, v_all = state["exp_avg"], state["exp_avg_sq"]
         if self.use_kernels(p):
             clip = group["clip_value"] or 0.0  # the kernel reads <= 0 as "no clipping"
@@ -276,7 +278,7 @@ class LazyAdagrad(LazyOptimizer):
     def update(self, p: Tensor, rows: Tensor | None, group: dict) -> None:
         state = self.state[p]
         if not state:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = 0.0
             state["sum"] = torch.zeros_like(p)
         state["step"] += 1
         sum_all = state["sum"]

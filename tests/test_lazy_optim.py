@@ -9,12 +9,14 @@ from torch import nn
 from mesimp_gpu.lazy_optim import (
     MAX_PENDING,
     TOUCHED_ROWS_ATTR,
+    compiled_kernels,
     LazyAdagrad,
     LazyAdam,
     LazySGD,
     mark_touched_rows,
     take_touched_rows,
     track_touched_rows,
+    union_rows,
 )
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 
@@ -41,6 +43,17 @@ def test_record_unites_backward_passes_and_clears():
     assert take_touched_rows(w) is None  # every row
     mark_touched_rows(w, torch.arange(10))
     assert take_touched_rows(w) is None  # all touched: dense is cheaper
+
+
+def test_compiled_union_matches_torch_union(seed):
+    kernels = compiled_kernels(fused=None)
+    if kernels is None:
+        pytest.skip("the cpu backend's kernels do not build here")
+    pending = [torch.randint(0, 37, (5, 3)), torch.tensor([36, 0, 0]), torch.randint(0, 37, (11,))]
+    assert torch.equal(kernels.union_rows(pending, 37), union_rows(pending, 37))
+    assert kernels.union_rows([torch.zeros(0, dtype=torch.long)], 4).numel() == 0
+    with pytest.raises(RuntimeError, match="outside"):
+        kernels.union_rows([torch.tensor([4])], 4)
 
 
 def test_unarmed_weights_are_not_recorded():

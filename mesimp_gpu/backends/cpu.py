@@ -53,9 +53,9 @@ from mesimp_gpu.backends.torch_backend import TorchBackend
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows", "lazy_sgd_", "lazy_adam_",
-             "lazy_adagrad_"]
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows", "union_rows", "lazy_sgd_",
+             "lazy_adam_", "lazy_adagrad_"]
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
 NATIVE_DTYPES = (torch.float32, torch.float64)
 #: kept fraction k / out above which the products are BLAS GEMMs on the masked gradient
 DENSE_PRODUCTS_FRACTION = 0.25

@@ -589,6 +589,29 @@ torch::Tensor scatter_rows(const torch::Tensor& src, const torch::Tensor& cols, 
   return out;
 }
 
+// Sorted unique rows (int64 [r]) in a list of CPU int64 index tensors of any shape, each in [0, n):
+// the rows of a weight that the backward passes since the last optimizer step touched.
+torch::Tensor union_rows(const std::vector<torch::Tensor>& pending, int64_t n) {
+  std::vector<uint8_t> seen(n, 0);
+  for (const auto& t : pending) {
+    TORCH_CHECK(t.scalar_type() == torch::kLong && t.device().is_cpu(), "rows must be CPU int64 tensors");
+    const auto rows = t.contiguous();
+    const int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i) {
+      TORCH_CHECK(r[i] >= 0 && r[i] < n, "row ", r[i], " outside [0, ", n, ")");
+      seen[r[i]] = 1;
+    }
+  }
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += seen[j];
+  auto out = torch::empty({count}, torch::TensorOptions().dtype(torch::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j) {
+    if (seen[j]) *o++ = j;
+  }
+  return out;
+}
+
 namespace {
 
 // Row list of an in-place optimizer update: rows (int64 [r]) of a [n, width] parameter, or all n.
@@ -612,6 +635,45 @@ void check_state(const torch::Tensor& p, const torch::Tensor& t, const char* wha
 
 }  // namespace
 
+// One contiguous run of n elements of the SGD, Adam and AdaGrad updates below. Separate functions
+// with restrict pointers (the arrays are distinct tensors of the optimizer) so that the loops vectorise.
+template <typename T>
+void sgd_run(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ buf, int64_t n, T clip, T momentum,
+             T step) {
+  if (buf == nullptr) {
+    for (int64_t j = 0; j < n; ++j) p[j] -= step * std::min(std::max(grad[j], -clip), clip);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    buf[j] = momentum * buf[j] + std::min(std::max(grad[j], -clip), clip);
+    p[j] -= step * buf[j];
+  }
+}
+
+template <typename T>
+void adam_run(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ m, T* __restrict__ v, int64_t n,
+              T clip, T b1, T b2, T step, T inv_bc2, T eps) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T g = std::min(std::max(grad[j], -clip), clip);
+    const T mj = m[j] + (1 - b1) * (g - m[j]);
+    const T vj = b2 * v[j] + (1 - b2) * g * g;
+    m[j] = mj;
+    v[j] = vj;
+    p[j] -= step * mj / (std::sqrt(vj) * inv_bc2 + eps);
+  }
+}
+
+template <typename T>
+void adagrad_run(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ sum, int64_t n, T clip, T step,
+                 T eps) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T g = std::min(std::max(grad[j], -clip), clip);
+    const T sj = sum[j] + g * g;
+    sum[j] = sj;
+    p[j] -= step * g / (std::sqrt(sj) + eps);
+  }
+}
+
 // In place, on the listed rows of p (all rows if none): g = clamp(grad, -clip, clip) (clip <= 0: no
 // clamp); with momentum > 0, buf = momentum * buf + g and g = buf; p -= lr * g. One pass per row.
 void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<torch::Tensor>& rows, double lr,
@@ -625,19 +687,15 @@ void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<t
   const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
   const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_sgd_", [&] {
-    scalar_t* __restrict__ pp = p.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
-    scalar_t* __restrict__ bp = momentum > 0 ? buf->data_ptr<scalar_t>() : nullptr;
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* bp = momentum > 0 ? buf->data_ptr<scalar_t>() : nullptr;
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t mu = scalar_t(momentum), step = scalar_t(lr);
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t off = rs[i] * width;
-        for (int64_t j = off; j < off + width; ++j) {
-          scalar_t g = std::min(std::max(gp[j], -c), c);
-          if (bp != nullptr) g = bp[j] = mu * bp[j] + g;
-          pp[j] -= step * g;
-        }
+        sgd_run(pp + off, gp + off, bp == nullptr ? nullptr : bp + off, width, c, mu, step);
       }
     });
   });
@@ -656,11 +714,10 @@ void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, tor
   const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
   const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adam_", [&] {
-    // distinct tensors (checked by shape, owned by the optimizer): restrict lets the loop vectorise
-    scalar_t* __restrict__ pp = p.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
-    scalar_t* __restrict__ mp = m.data_ptr<scalar_t>();
-    scalar_t* __restrict__ vp = v.data_ptr<scalar_t>();
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    scalar_t* vp = v.data_ptr<scalar_t>();
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t b1 = scalar_t(beta1), b2 = scalar_t(beta2), e_ = scalar_t(eps);
     const scalar_t step = scalar_t(lr / (1.0 - std::pow(beta1, t)));
@@ -668,14 +725,7 @@ void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, tor
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t off = rs[i] * width;
-        for (int64_t j = off; j < off + width; ++j) {
-          const scalar_t g = std::min(std::max(gp[j], -c), c);
-          const scalar_t mj = mp[j] + (1 - b1) * (g - mp[j]);
-          const scalar_t vj = b2 * vp[j] + (1 - b2) * g * g;
-          mp[j] = mj;
-          vp[j] = vj;
-          pp[j] -= step * mj / (std::sqrt(vj) * inv_bc2 + e_);
-        }
+        adam_run(pp + off, gp + off, mp + off, vp + off, width, c, b1, b2, step, inv_bc2, e_);
       }
     });
   });
@@ -693,20 +743,15 @@ void lazy_adagrad_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor sum
   const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
   const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adagrad_", [&] {
-    scalar_t* __restrict__ pp = p.data_ptr<scalar_t>();
-    const scalar_t* __restrict__ gp = grad.data_ptr<scalar_t>();
-    scalar_t* __restrict__ sp = sum.data_ptr<scalar_t>();
+    scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* sp = sum.data_ptr<scalar_t>();
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t step = scalar_t(lr), e_ = scalar_t(eps);
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t off = rs[i] * width;
-        for (int64_t j = off; j < off + width; ++j) {
-          const scalar_t g = std::min(std::max(gp[j], -c), c);
-          const scalar_t sj = sp[j] + g * g;
-          sp[j] = sj;
-          pp[j] -= step * g / (std::sqrt(sj) + e_);
-        }
+        adagrad_run(pp + off, gp + off, sp + off, width, c, step, e_);
       }
     });
   });
