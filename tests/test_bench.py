@@ -252,3 +252,18 @@ def test_cli_report_redraws_saved_file(tmp_path):
     bad.write_text(json.dumps({"rows": []}))
     result = CliRunner().invoke(app, ["bench", "--report", str(bad)])
     assert result.exit_code == 2 and "not a mesimp-gpu bench results file" in result.output
+
+
+def test_numba_twin_of_the_cpu_kernel_matches_the_reference(seed) -> None:
+    """The tool comparison times a Numba version of the cpu backend's algorithm: it must be right too."""
+    pytest.importorskip("numba")
+    from mesimp_gpu.backends.reference import ReferenceBackend
+    from mesimp_gpu.bench.tools import numba_kernels, numba_topk_backward
+
+    g = (torch.randn(9, 70) * 2).round() / 2  # ties in magnitude
+    x, w = torch.randn(9, 13), torch.randn(70, 13)
+    dx, dw, idx = numba_topk_backward(numba_kernels(), g, x, w, 6)
+    ref_dx, ref_dw, ref_idx = ReferenceBackend().topk_backward(g, x, w, 6)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dx, ref_dx.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, ref_dw.float(), atol=1e-5, rtol=1e-5)
