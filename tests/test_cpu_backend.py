@@ -127,6 +127,16 @@ def test_selection_matches_reference_on_many_rows(cpu, seed):
         assert torch.equal(cpu.topk_indices(g, k), topk_mask(g, k).nonzero()[:, 1].reshape(97, k)), k
 
 
+@pytest.mark.parametrize("zero_fraction", [0.5, 0.9, 0.97, 1.0])
+def test_selection_on_mostly_zero_rows(cpu, seed, zero_fraction):
+    """Gradients behind inactive ReLUs: rows with fewer non-zeros than k keep them all plus the lowest
+    zero columns; rows with more keep the k largest."""
+    g = torch.randn(64, 500)
+    g[torch.rand(64, 500) < zero_fraction] = 0.0
+    for k in (1, 5, 20, 160):
+        assert torch.equal(cpu.topk_indices(g, k), REF.topk_indices(g, k)), k
+
+
 def test_results_do_not_depend_on_thread_count(cpu, seed):
     g, x, w = torch.randn(40, 300), torch.randn(40, 200), torch.randn(300, 200)
     before = torch.get_num_threads()

@@ -212,6 +212,25 @@ bool select_row(const T* row, int64_t n, int64_t k, int64_t* out, SelectScratch<
   if (top >= Bits<T>::inf) return false;
 
   int32_t* cand = s.cand.data();
+  if (lower == 0) {
+    // A group without a non-zero entry: a row of mostly zeros (the gradient behind inactive ReLUs).
+    // The candidates are its non-zero entries; when there are at most k of them, the row keeps them
+    // all plus its lowest zero columns, and no selection is needed.
+    const int64_t nonzero = compact_at_least(keys, n, K(1), cand);
+    if (nonzero <= k) {
+      int64_t zeros_left = k - nonzero, kept = 0;
+      for (int64_t j = 0; j < n; ++j) {  // branch-free merge in column order; kept reaches exactly k
+        const int64_t zero = keys[j] == 0;
+        const int64_t take = (1 - zero) | (zeros_left > 0);
+        cand[kept] = static_cast<int32_t>(j);
+        kept += take;
+        zeros_left -= zero & take;
+      }
+      for (int64_t t = 0; t < k; ++t) out[t] = cand[t];
+      return true;
+    }
+    lower = 1;
+  }
   const int64_t count = compact_at_least(keys, n, lower, cand);
   K* ck = s.cand_keys.data();
   for (int64_t i = 0; i < count; ++i) ck[i] = keys[cand[i]];
