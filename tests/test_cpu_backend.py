@@ -137,6 +137,19 @@ def test_selection_on_mostly_zero_rows(cpu, seed, zero_fraction):
         assert torch.equal(cpu.topk_indices(g, k), REF.topk_indices(g, k)), k
 
 
+def test_subnormal_gradients_are_ranked_and_flushed(cpu, seed):
+    """Subnormal entries (late in training) keep their rank in the selection; in the products they
+    count as zero (the kernel flushes subnormals), which is within any tolerance of the reference."""
+    g = torch.randn(16, 300) * 1e-39  # subnormal in float32
+    g[:, ::7] = torch.randn(16, 43)  # some normal entries per row
+    x, w = torch.randn(16, 40), torch.randn(300, 40)
+    dx, dw, idx = cpu.topk_backward(g, x, w, 60)  # more than the 43 normal entries: subnormals selected
+    ref_dx, ref_dw, ref_idx = REF.topk_backward(g, x, w, 60)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dx, ref_dx.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, ref_dw.float(), atol=1e-5, rtol=1e-5)
+
+
 def test_results_do_not_depend_on_thread_count(cpu, seed):
     g, x, w = torch.randn(40, 300), torch.randn(40, 200), torch.randn(300, 200)
     before = torch.get_num_threads()

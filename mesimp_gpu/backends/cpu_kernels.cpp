@@ -22,6 +22,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 #include <sys/mman.h>
 
@@ -120,6 +123,22 @@ inline void stream_fence() {
   _mm_sfence();
 #endif
 }
+
+// Flushes subnormal results to zero and reads subnormal inputs as zero (MXCSR FTZ and DAZ) in the
+// calling thread while alive. Every parallel task that does arithmetic holds one: a gradient that has
+// shrunk into the subnormal range (late in training, or behind a saturated unit) or an Adam moment
+// that decays there would otherwise take a microcode assist per operation, several times slower
+// (measured 3.7x on a layer's backward). Values below 1.2e-38 (float) then count as zero.
+class FlushDenormals {
+ public:
+#if defined(__SSE__)
+  FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
 
 // Scratch of one selection call, reused across the rows a thread handles.
 template <typename T>
@@ -390,6 +409,7 @@ void dw_rows(const Buckets<T>& bk, const T* x, int64_t rows, int64_t n_out, int6
   const int64_t per_row = std::max<int64_t>(1, rows * k / std::max<int64_t>(1, n_out)) * n_in;
   const bool stream = streamable(dw, n_in * sizeof(T), n_out * n_in * sizeof(T));
   at::parallel_for(0, n_out, grain_for(per_row), [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     for (int64_t j = begin; j < end; ++j) {
       const int64_t p0 = bk.start[j], p1 = bk.start[j + 1];
       const int64_t* ex = bk.example.data() + p0;
@@ -411,6 +431,7 @@ void sparse_products(const T* g, const int64_t* idx, const T* x, const T* w, int
                      int64_t n_in, int64_t k, int64_t* hits, T* dx, T* dw) {
   const Buckets<T> bk = bucket_by_column(g, idx, rows, n_out, k, hits);
   if (dx != nullptr) at::parallel_for(0, rows, grain_for(k * n_in), [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     std::vector<T> coef(k);
     for (int64_t b = begin; b < end; ++b) dx_row(g + b * n_out, idx + b * k, k, w, n_in, coef.data(), dx + b * n_in);
   });
@@ -425,6 +446,7 @@ bool topk_products(const T* g, const T* x, const T* w, int64_t rows, int64_t n_o
                    int64_t* idx, int64_t* hits, T* dx, T* dw) {
   std::atomic<bool> finite{true};
   at::parallel_for(0, rows, grain_for(k * n_in + n_out), [&](int64_t begin, int64_t end) {
+    const FlushDenormals flush;
     SelectScratch<T> s(n_out, k);
     std::vector<T> coef(k);
     for (int64_t b = begin; b < end; ++b) {
@@ -712,6 +734,7 @@ void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<t
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t mu = scalar_t(momentum), step = scalar_t(lr);
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+      const FlushDenormals flush;
       for (int64_t i = b; i < e; ++i) {
         const int64_t off = rs[i] * width;
         sgd_run(pp + off, gp + off, bp == nullptr ? nullptr : bp + off, width, c, mu, step);
@@ -742,6 +765,7 @@ void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, tor
     const scalar_t step = scalar_t(lr / (1.0 - std::pow(beta1, t)));
     const scalar_t inv_bc2 = scalar_t(1.0 / std::sqrt(1.0 - std::pow(beta2, t)));
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+      const FlushDenormals flush;
       for (int64_t i = b; i < e; ++i) {
         const int64_t off = rs[i] * width;
         adam_run(pp + off, gp + off, mp + off, vp + off, width, c, b1, b2, step, inv_bc2, e_);
@@ -768,6 +792,7 @@ void lazy_adagrad_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor sum
     const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
     const scalar_t step = scalar_t(lr), e_ = scalar_t(eps);
     at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+      const FlushDenormals flush;
       for (int64_t i = b; i < e; ++i) {
         const int64_t off = rs[i] * width;
         adagrad_run(pp + off, gp + off, sp + off, width, c, step, e_);
