@@ -17,7 +17,9 @@ layer it has shrunk to a few hundred) the sparse loops lose to BLAS, so the kern
 the two products are GEMMs on the masked gradient (measured crossover between 0.2 and 0.3 at widths
 180 to 2048). Those GEMMs are deterministic run to run at a fixed thread count.
 
-Both loops run on torch's intra-op thread pool (``torch.get_num_threads()``). A ``dW`` of 1 MiB or
+Both loops run on torch's intra-op thread pool (``torch.get_num_threads()``); their tasks, and the
+row updates of the lazy optimizers, flush subnormal numbers to zero (a gradient or Adam moment that
+shrank below 1.2e-38 would otherwise cost a microcode assist per operation). A ``dW`` of 1 MiB or
 more comes from a small pool of recycled, huge-page-advised buffers (a fresh one costs more in page
 faults than the sparse products), and from 8 MiB on it is written with streaming stores.
 
