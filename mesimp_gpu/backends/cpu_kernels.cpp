@@ -127,8 +127,8 @@ inline void stream_fence() {
 // Flushes subnormal results to zero and reads subnormal inputs as zero (MXCSR FTZ and DAZ) in the
 // calling thread while alive. Every parallel task that does arithmetic holds one: a gradient that has
 // shrunk into the subnormal range (late in training, or behind a saturated unit) or an Adam moment
-// that decays there would otherwise take a microcode assist per operation, several times slower
-// (measured 3.7x on a layer's backward). Values below 1.2e-38 (float) then count as zero.
+// that decays there would otherwise take a microcode assist per operation, which made a layer's
+// backward several times slower late in training. Values below 1.2e-38 (float) then count as zero.
 class FlushDenormals {
  public:
 #if defined(__SSE__)
