@@ -5,15 +5,16 @@ kept columns, so an update of the other rows is either a no-op (plain SGD) or on
 optimizer state. A lazy optimizer arms a record on each of its parameters
 (:func:`track_touched_rows`); :class:`MePropFunction` adds the kept columns to an armed record
 (:func:`mark_touched_rows`) during backward, and does nothing for parameters of other optimizers.
-:class:`LazySGD` and :class:`LazyAdam` read the record at :meth:`step`, update those rows only, and
-re-arm it. Parameters without rows in their record (biases, layers that are not meProp, dense mode,
-a parameter that meSimp replaced since the last step) get the ordinary dense update.
+:class:`LazySGD`, :class:`LazyAdam` and :class:`LazyAdagrad` read the record at :meth:`step`,
+update those rows only, and re-arm it. Parameters without rows in their record (biases, layers
+that are not meProp, dense mode, a parameter that meSimp replaced since the last step) get the
+ordinary dense update. On CPU the updates are the cpu backend's fused row kernels.
 
 Semantics:
 
-- ``LazySGD`` without momentum is exactly SGD, and ``LazyAdagrad`` is exactly AdaGrad (a zero
-  gradient changes neither its accumulator nor the row). With momentum, the buffers of untouched rows are not
+- ``LazySGD`` without momentum is exactly SGD. With momentum, the buffers of untouched rows are not
   decayed and those rows do not move (dense SGD would keep moving them with the decayed momentum).
+- ``LazyAdagrad`` is exactly AdaGrad: a zero gradient changes neither its accumulator nor the row.
 - ``LazyAdam`` decays ``exp_avg`` and ``exp_avg_sq`` only on touched rows and moves only those rows;
   the step counter (bias correction) is per parameter, as in dense Adam. This differs slightly from
   Adam, which also decays the moments of, and keeps moving, rows whose gradient is zero (the same
