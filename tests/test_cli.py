@@ -16,18 +16,20 @@ def test_help_explains_every_option() -> None:
     result = runner.invoke(app, ["train", "mnist", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--method", "--k", "--hidden", "--layers", "--epochs", "--batch-size", "--optimizer", "--lr",
-                   "--seed", "--device", "--backend", "--data-dir", "--out", "--limit", "--resume"):
+                   "--lazy", "--seed", "--device", "--backend", "--data-dir", "--out", "--limit", "--resume"):
         assert option in result.output, option
 
 
-def test_short_run_prints_test_accuracy(tmp_path: Path, mnist_dir: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--lazy", "--optimizer", "adagrad", "--lr", "0.1"]], ids=["plain", "lazy"])
+def test_short_run_prints_test_accuracy(tmp_path: Path, mnist_dir: Path, extra) -> None:
     args = ["train", "mnist", "--method", "meprop", "--k", "5", "--hidden", "16", "--epochs", "1", "--limit", "300",
-            "--chunks", "2", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--no-progress"]
+            "--chunks", "2", "--data-dir", str(mnist_dir), "--out", str(tmp_path), "--no-progress", *extra]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output
     saved = json.loads((tmp_path / "results.json").read_text())
     assert f"{saved['final']['test_acc_at_best_dev']:.2f}%" in result.output
+    assert saved["config"]["lazy"] == bool(extra)
 
 
 @pytest.mark.parametrize(
