@@ -1,13 +1,15 @@
 """Side-by-side timing of the tagger's LSTM (forward and backward) for the settings of the EWT runs.
 
 All settings run on the same tensors, interleaved round by round (so a busy machine slows them alike),
-and the medians with their spread go to ``lstm_timing.json`` beside this file. Shapes are those of a
-typical training batch of ``mesimp-gpu train pos``: 16 sentences of 24 tokens, input 190 (50 + 7 x 20),
-hidden 500 (56 for the size meSimp kept). Run: ``python bench/results/pos/lstm_timing.py``.
+and the medians with their spread go to ``bench/results/pos/lstm_timing.json`` (``--out`` changes
+that). Shapes are those of a typical training batch of ``mesimp-gpu train pos``: 16 sentences of 24
+tokens, input 190 (50 + 7 x 20), hidden 500 (56 for the size meSimp kept).
+Run: ``python -m mesimp_gpu.bench.lstm_timing``.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +35,10 @@ SETTINGS = {  # name -> (hidden, mode, k, selection, backend)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/pos/lstm_timing.json"),
+                        help="results file (JSON)")
+    path = parser.parse_args().out
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(BATCH, STEPS, INPUT)
@@ -65,7 +71,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:40s} forward {row['forward_ms_median']:7.1f} ms  backward {row['backward_ms_median']:7.1f} ms"
               f"  backward speed-up {row['backward_speedup_vs_dense']:.2f}x")
-    write_json(Path(__file__).with_name("lstm_timing.json"), {
+    write_json(path, {
         "shapes": {"batch": BATCH, "steps": STEPS, "input": INPUT}, "rounds": ROUNDS, "threads": 1,
         "machine": machine_info(), "rows": rows,
     })
