@@ -655,23 +655,48 @@ torch::Tensor union_rows(const std::vector<torch::Tensor>& pending, int64_t n) {
 
 namespace {
 
-// Row list of an in-place optimizer update: rows (int64 [r]) of a [n, width] parameter, or all n.
-struct RowSet {
-  const int64_t* rows;  // nullptr: every row
-  int64_t count;
-  int64_t operator[](int64_t i) const { return rows == nullptr ? i : rows[i]; }
-};
-
-RowSet row_set(const c10::optional<torch::Tensor>& rows, int64_t n) {
-  if (!rows.has_value()) return {nullptr, n};
-  TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == torch::kLong && rows->is_contiguous(),
-              "rows must be a contiguous int64 vector");
-  return {rows->data_ptr<int64_t>(), rows->size(0)};
-}
-
 void check_state(const torch::Tensor& p, const torch::Tensor& t, const char* what) {
   TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type() && t.is_contiguous(), what,
               " must be contiguous with the parameter's shape and dtype");
+}
+
+// The rows an in-place optimizer update visits: the listed rows (int64 [r]) of a [n, width]
+// parameter, or all n. The constructor checks the parameter and its gradient.
+class RowUpdate {
+ public:
+  RowUpdate(const torch::Tensor& p, const torch::Tensor& grad, const c10::optional<torch::Tensor>& rows)
+      : width_(p.numel() / std::max<int64_t>(1, p.size(0))), rows_(nullptr), count_(p.size(0)) {
+    TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
+    check_state(p, grad, "grad");
+    if (rows.has_value()) {
+      TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == torch::kLong && rows->is_contiguous(),
+                  "rows must be a contiguous int64 vector");
+      rows_ = rows->data_ptr<int64_t>();
+      count_ = rows->size(0);
+    }
+  }
+
+  // Calls run(offset, width) for every visited row, offset being the row's first element; rows are
+  // shared out to the thread pool in tasks of about task_elements elements, subnormals flushed.
+  template <typename F>
+  void for_each(int64_t task_elements, const F& run) const {
+    at::parallel_for(0, count_, std::max<int64_t>(1, task_elements / std::max<int64_t>(1, width_)),
+                     [&](int64_t begin, int64_t end) {
+                       const FlushDenormals flush;
+                       for (int64_t i = begin; i < end; ++i) run((rows_ == nullptr ? i : rows_[i]) * width_, width_);
+                     });
+  }
+
+ private:
+  int64_t width_;
+  const int64_t* rows_;  // nullptr: every row
+  int64_t count_;
+};
+
+// The clipping bound of the row updates: clip > 0 clamps to [-clip, clip], clip <= 0 does not clamp.
+template <typename T>
+T clip_bound(double clip) {
+  return clip > 0 ? T(clip) : std::numeric_limits<T>::infinity();
 }
 
 }  // namespace
@@ -719,26 +744,18 @@ void adagrad_run(T* __restrict__ p, const T* __restrict__ grad, T* __restrict__ 
 // clamp); with momentum > 0, buf = momentum * buf + g and g = buf; p -= lr * g. One pass per row.
 void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<torch::Tensor>& rows, double lr,
                double clip, double momentum, const c10::optional<torch::Tensor>& buf) {
-  TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
-  check_state(p, grad, "grad");
+  const RowUpdate update(p, grad, rows);
   if (momentum > 0) {
     TORCH_CHECK(buf.has_value(), "momentum needs a buffer");
     check_state(p, *buf, "momentum buffer");
   }
-  const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
-  const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_sgd_", [&] {
     scalar_t* pp = p.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* bp = momentum > 0 ? buf->data_ptr<scalar_t>() : nullptr;
-    const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
-    const scalar_t mu = scalar_t(momentum), step = scalar_t(lr);
-    at::parallel_for(0, rs.count, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
-      const FlushDenormals flush;
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t off = rs[i] * width;
-        sgd_run(pp + off, gp + off, bp == nullptr ? nullptr : bp + off, width, c, mu, step);
-      }
+    const scalar_t c = clip_bound<scalar_t>(clip), mu = scalar_t(momentum), step = scalar_t(lr);
+    update.for_each(16384, [&](int64_t off, int64_t width) {
+      sgd_run(pp + off, gp + off, bp == nullptr ? nullptr : bp + off, width, c, mu, step);
     });
   });
 }
@@ -749,27 +766,20 @@ void lazy_sgd_(torch::Tensor p, const torch::Tensor& grad, const c10::optional<t
 void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, torch::Tensor v,
                 const c10::optional<torch::Tensor>& rows, double lr, double beta1, double beta2, double eps, double t,
                 double clip) {
-  TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
-  check_state(p, grad, "grad");
+  const RowUpdate update(p, grad, rows);
   check_state(p, m, "exp_avg");
   check_state(p, v, "exp_avg_sq");
-  const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
-  const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adam_", [&] {
     scalar_t* pp = p.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* mp = m.data_ptr<scalar_t>();
     scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
+    const scalar_t c = clip_bound<scalar_t>(clip);
     const scalar_t b1 = scalar_t(beta1), b2 = scalar_t(beta2), e_ = scalar_t(eps);
     const scalar_t step = scalar_t(lr / (1.0 - std::pow(beta1, t)));
     const scalar_t inv_bc2 = scalar_t(1.0 / std::sqrt(1.0 - std::pow(beta2, t)));
-    at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
-      const FlushDenormals flush;
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t off = rs[i] * width;
-        adam_run(pp + off, gp + off, mp + off, vp + off, width, c, b1, b2, step, inv_bc2, e_);
-      }
+    update.for_each(8192, [&](int64_t off, int64_t width) {
+      adam_run(pp + off, gp + off, mp + off, vp + off, width, c, b1, b2, step, inv_bc2, e_);
     });
   });
 }
@@ -780,23 +790,13 @@ void lazy_adam_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor m, tor
 // rows is exact.
 void lazy_adagrad_(torch::Tensor p, const torch::Tensor& grad, torch::Tensor sum,
                    const c10::optional<torch::Tensor>& rows, double lr, double eps, double clip) {
-  TORCH_CHECK(p.is_contiguous() && p.dim() >= 1, "parameter must be contiguous");
-  check_state(p, grad, "grad");
+  const RowUpdate update(p, grad, rows);
   check_state(p, sum, "sum");
-  const int64_t width = p.numel() / std::max<int64_t>(1, p.size(0));
-  const RowSet rs = row_set(rows, p.size(0));
   AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "lazy_adagrad_", [&] {
     scalar_t* pp = p.data_ptr<scalar_t>();
     const scalar_t* gp = grad.data_ptr<scalar_t>();
     scalar_t* sp = sum.data_ptr<scalar_t>();
-    const scalar_t c = clip > 0 ? scalar_t(clip) : std::numeric_limits<scalar_t>::infinity();
-    const scalar_t step = scalar_t(lr), e_ = scalar_t(eps);
-    at::parallel_for(0, rs.count, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
-      const FlushDenormals flush;
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t off = rs[i] * width;
-        adagrad_run(pp + off, gp + off, sp + off, width, c, step, e_);
-      }
-    });
+    const scalar_t c = clip_bound<scalar_t>(clip), step = scalar_t(lr), e_ = scalar_t(eps);
+    update.for_each(8192, [&](int64_t off, int64_t width) { adagrad_run(pp + off, gp + off, sp + off, width, c, step, e_); });
   });
 }
