@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from mesimp_gpu.backends import Backend, get_backend
-from mesimp_gpu.backends.base import bincount_hits, check_finite
+from mesimp_gpu.backends.base import bincount_hits, check_finite, masked_gradient
 from mesimp_gpu.lazy_optim import mark_touched_rows
 
 
@@ -65,7 +65,7 @@ def count_nonzero_hits(hits: Tensor, g: Tensor, idx: Tensor) -> None:
 
 def kept_bias_grad(g: Tensor, idx: Tensor) -> Tensor:
     """``sum_b G_k[b, :]`` for per-example kept indices ``idx`` ``[B, k]`` -> ``[out]``."""
-    return torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx)).sum(dim=0)
+    return masked_gradient(g, idx).sum(dim=0)
 
 
 class MePropFunction(torch.autograd.Function):

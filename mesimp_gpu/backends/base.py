@@ -47,6 +47,11 @@ def check_k(k: int, width: int) -> int:
     return min(k, width)
 
 
+def masked_gradient(g: Tensor, idx: Tensor) -> Tensor:
+    """``G_k``: ``g`` (``[B, out]``) with every entry outside the kept columns ``idx`` (``[B, k]``) zeroed."""
+    return torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx))
+
+
 def bincount_hits(hits: Tensor, idx: Tensor) -> None:
     """Add one to ``hits[j]`` for every occurrence of ``j`` in ``idx`` (any shape), in place."""
     hits += torch.bincount(idx.reshape(-1), minlength=hits.numel()).to(hits.dtype)

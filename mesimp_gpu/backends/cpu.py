@@ -49,7 +49,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from mesimp_gpu.backends.base import Backend, bincount_hits, check_finite, check_k
+from mesimp_gpu.backends.base import Backend, bincount_hits, check_finite, check_k, masked_gradient
 from mesimp_gpu.backends.torch_backend import TorchBackend
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class CpuBackend(Backend):
         idx = self.topk_indices(g, k)
         if hits is not None:
             bincount_hits(hits, idx)
-        g_k = torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx))  # (B, out), zero off the kept entries
+        g_k = masked_gradient(g, idx)  # (B, out)
         return (g_k.mm(weight) if need_dx else None), g_k.t().mm(x), idx
 
     def unified_backward(self, g: Tensor, x: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
