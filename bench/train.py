@@ -70,18 +70,19 @@ def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
     for name, (settings, results) in finished.items():
         method = settings.method
         epochs = results["epoch_seconds"]
-        stats = summarize([sum(e[p] for p in PHASES) for e in epochs])
+        totals = [sum(e[p] for p in PHASES) for e in epochs]  # seconds per epoch, all phases
+        stats = summarize(totals)
         final = results["final"]
         rows.append(row(
             Suite.TRAIN, Provider.DENSE if method is Method.DENSE else Provider.TOPK, backend,
             method=method.value, lazy=settings.lazy, label=name, batch=settings.batch_size, width=settings.hidden,
-            layers=settings.layers, optimizer=settings.optimizer.value, lr=settings.lr, k=None if method is Method.DENSE else settings.k, images=images,
-            epochs=config.train_epochs, status="ok", median_s=stats.median, p20_s=stats.p20, p80_s=stats.p80,
+            layers=settings.layers, optimizer=settings.optimizer.value, lr=settings.lr,
+            k=None if method is Method.DENSE else settings.k, images=images, epochs=config.train_epochs,
+            status="ok", median_s=stats.median, p20_s=stats.p20, p80_s=stats.p80, run_s=sum(totals),
             repeats=stats.repeats, phases_s={p: float(np.median([e[p] for e in epochs])) for p in PHASES},
             full_epoch_s=stats.median * FULL_TRAIN_IMAGES / images,
             test_acc=final["test_acc_at_best_dev"], dev_acc=final["best_dev_acc"], sizes=final["sizes"],
         ))
-        rows[-1]["run_s"] = sum(sum(e[p] for p in PHASES) for e in epochs)
     dense = rows[0]
     for r in rows:
         r["speedup"] = dense["median_s"] / r["median_s"]  # per epoch (median)
