@@ -19,7 +19,7 @@ import torch
 from mesimp_gpu.io import write_json
 from mesimp_gpu.lstm import GateSelection, MePropLSTM
 from mesimp_gpu.meprop import MePropConfig, MePropMode
-from mesimp_gpu.train.common import machine_info
+from mesimp_gpu.machine import describe
 
 BATCH, STEPS, INPUT = 16, 24, 190
 ROUNDS = 15
@@ -73,7 +73,7 @@ def main() -> None:
               f"  backward speed-up {row['backward_speedup_vs_dense']:.2f}x")
     write_json(path, {
         "shapes": {"batch": BATCH, "steps": STEPS, "input": INPUT}, "rounds": ROUNDS, "threads": 1,
-        "machine": machine_info(), "rows": rows,
+        "machine": describe(), "rows": rows,
     })
 
 

@@ -17,7 +17,7 @@ from matplotlib.ticker import NullFormatter
 
 from mesimp_gpu.bench.config import Pass, Provider, Suite
 from mesimp_gpu.plots import save_figure
-from mesimp_gpu.train.common import PHASES
+from mesimp_gpu.train.records import PHASES
 
 Row = dict[str, Any]
 

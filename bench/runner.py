@@ -28,7 +28,9 @@ from mesimp_gpu.bench.topk import run_topk_suite
 from mesimp_gpu.bench.train import run_train_suite
 from mesimp_gpu.data.mnist import Mnist, load_mnist
 from mesimp_gpu.io import write_json
-from mesimp_gpu.train.common import jsonable, machine_info, resolve_device
+from mesimp_gpu.machine import describe
+from mesimp_gpu.train.records import jsonable
+from mesimp_gpu.train.settings import resolve_device
 
 
 @contextlib.contextmanager
@@ -102,7 +104,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             "device": str(device),
             "threads": torch.get_num_threads(),
             "load_average_start": [round(v, 2) for v in os.getloadavg()],
-            "machine": machine_info(device),
+            "machine": describe(device),
             "modified_files": modified_files(),  # uncommitted changes the run included, beyond git_commit
             "config": jsonable(config),
             "backends": list(backends),

@@ -26,7 +26,7 @@ from mesimp_gpu.bench.common import relative_error
 from mesimp_gpu.bench.config import BenchConfig
 from mesimp_gpu.bench.timing import CpuClock, measure
 from mesimp_gpu.io import write_json
-from mesimp_gpu.train.common import machine_info
+from mesimp_gpu.machine import describe
 
 #: (batch, width, k) of the comparison: the MNIST hidden layer and the issue's wide layer
 SHAPES = [(100, 500, 20), (100, 4096, 128)]
@@ -162,7 +162,7 @@ def compare(threads: int, out_dir: Path) -> Path:
     created = datetime.now(timezone.utc)
     path = out_dir / f"cpu-tools-{created:%Y%m%d-%H%M%S}.json"
     write_json(path, {"created": created.isoformat(timespec="seconds"), "threads": threads,
-                      "machine": machine_info(), "numba": __import__("numba").__version__, "rows": rows})
+                      "machine": describe(), "numba": __import__("numba").__version__, "rows": rows})
     return path
 
 

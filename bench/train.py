@@ -30,7 +30,7 @@ from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
 from mesimp_gpu.bench.timing import summarize
 from mesimp_gpu.data.mnist import Mnist
 from mesimp_gpu.optim import PAPER_LR
-from mesimp_gpu.train.common import PHASES
+from mesimp_gpu.train.records import PHASES
 from mesimp_gpu.train.mnist import Method, MnistConfig, train_mnist
 
 #: training images of the full MNIST training split (dev excluded), for the per-epoch extrapolation

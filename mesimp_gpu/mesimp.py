@@ -43,18 +43,14 @@ import enum
 import math
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from mesimp_gpu.meprop import MePropLinear
 from mesimp_gpu.optim import reset_moments, slice_parameter
-
-if TYPE_CHECKING:
-    from mesimp_gpu.models.mlp import MLP
-    from mesimp_gpu.train.mnist import MnistTrainer
 
 
 class MomentReset(str, enum.Enum):
@@ -113,22 +109,6 @@ def reset_records_(layers: Sequence[MePropLinear]) -> None:
         layer.refer = 0
 
 
-def prune_step_(model: MLP, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
-    """One meSimp prune step on every hidden layer of ``model``; returns the new hidden sizes.
-
-    All keep masks come from the same record (taken before any slicing), then the record resets.
-    """
-    hidden = model.hidden
-    if any(layer.hits is None for layer in hidden):
-        raise ValueError("meSimp needs hit records: build the MLP with track_hits=True")
-    keeps = [prune_mask(layer.hits, layer.refer, threshold) for layer in hidden]
-    for i, keep in enumerate(keeps):
-        if not bool(keep.all()):
-            shrink_outputs_(model.layers[i], model.layers[i + 1], keep, optimizer)
-    reset_records_(hidden)
-    return [layer.out_features for layer in hidden]
-
-
 def prunes_in(epoch: int, cycle: int) -> bool:
     """Whether meSimp prunes during ``epoch`` (0-based): in even cycles of ``cycle`` epochs; always if ``cycle`` is 0."""
     return cycle == 0 or (epoch // cycle) % 2 == 0
@@ -139,34 +119,49 @@ def ends_cycle(epoch: int, cycle: int) -> bool:
     return cycle > 0 and (epoch + 1) % cycle == 0
 
 
-class MesimpHook:
-    """The meSimp schedule as a :class:`~mesimp_gpu.train.mnist.ChunkHook` of the MNIST trainer.
+class Prunable(Protocol):
+    """A model meSimp can shrink: every model with hit records (MLP, tagger, parser) offers this call."""
 
-    After each chunk (before its dev evaluation): a prune step in pruning epochs; after the last
-    chunk of a cycle, a reset of Adam's moments. The record (``hits`` buffers in the model's state,
-    ``refer`` beside it) travels in checkpoints, so a resumed run prunes exactly as an uninterrupted one.
+    def mesimp_prune_(self, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """Delete the neurons with ``hits < floor(refer * threshold)`` for good (optimizer state too), reset
+        the records, and return the new hidden sizes."""
+
+
+@dataclass(frozen=True)
+class MesimpSchedule:
+    """The meSimp schedule every trainer runs between a piece of training and its evaluation.
+
+    In pruning epochs a prune step follows every piece; at a cycle's end Adam's moments are reset (see
+    the module docstring for the cycle rule and :class:`MomentReset` for when). The hit records travel
+    in the model's checkpoint, so a resumed run prunes exactly as an uninterrupted one.
     """
 
-    def __init__(self, threshold: float, cycle: int, reset_moments: MomentReset) -> None:
-        check_threshold(threshold)
-        if cycle < 0:
-            raise ValueError(f"cycle must be at least 0, got {cycle}")
-        self.threshold, self.cycle, self.reset_moments = threshold, cycle, MomentReset(reset_moments)
+    threshold: float = 0.1  # remove neurons with hits < floor(refer * threshold), in [0, 1)
+    cycle: int = 5  # epochs per cycle; prune in even cycles; 0: prune after every piece of every epoch
+    reset_moments: MomentReset = MomentReset.CYCLE  # when Adam's m and v (not t) are zeroed
 
-    def on_chunk_end(self, trainer: MnistTrainer, epoch: int, chunk: int) -> dict[str, Any]:
-        """Prune in pruning epochs, reset moments at a cycle end; returns the fields for the history record."""
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
+        if self.cycle < 0:
+            raise ValueError(f"cycle must be at least 0, got {self.cycle}")
+        object.__setattr__(self, "reset_moments", MomentReset(self.reset_moments))
+
+    def resets_moments(self, epoch: int, last_piece: bool) -> bool:
+        """Whether the moments are reset after a piece of ``epoch`` (``last_piece``: the epoch's last one)."""
+        if not ends_cycle(epoch, self.cycle):
+            return False
+        return self.reset_moments is MomentReset.LAST_EPOCH or (self.reset_moments is MomentReset.CYCLE and last_piece)
+
+    def after_piece(
+        self, model: Prunable, optimizer: torch.optim.Optimizer, epoch: int, last_piece: bool
+    ) -> dict[str, Any]:
+        """Prune in pruning epochs, reset moments at a cycle's end; returns the fields for the history record."""
         record: dict[str, Any] = {"pruned": prunes_in(epoch, self.cycle), "moments_reset": False}
         start = time.perf_counter()
         if record["pruned"]:
-            before = trainer.model.sizes[1:-1]
-            sizes = prune_step_(trainer.model, self.threshold, trainer.optimizer)
-            tqdm.write(f"epoch {epoch + 1} chunk {chunk + 1}: hidden sizes {'-'.join(map(str, sizes))} "
-                       f"(removed {sum(before) - sum(sizes)}, {trainer.parameter_count():,} parameters)")
+            model.mesimp_prune_(self.threshold, optimizer)
         record["prune_seconds"] = time.perf_counter() - start
-        last_chunk = chunk == trainer.chunks_per_epoch - 1
-        if ends_cycle(epoch, self.cycle) and (
-            self.reset_moments is MomentReset.LAST_EPOCH or (self.reset_moments is MomentReset.CYCLE and last_chunk)
-        ):
-            reset_moments(trainer.optimizer)
+        if self.resets_moments(epoch, last_piece):
+            reset_moments(optimizer)
             record["moments_reset"] = True
         return record

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from mesimp_gpu.backends import BackendUnavailable, get_backend
 from mesimp_gpu.cli import app
 from mesimp_gpu.data.mnist import load_mnist
-from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prune_step_, prunes_in, shrink_outputs_
+from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prunes_in, shrink_outputs_
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.models.mlp import MLP, load_mlp, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer
-from mesimp_gpu.train.common import accuracy
+from mesimp_gpu.train.records import accuracy
 from mesimp_gpu.train.mnist import Method, MnistConfig, Preset, mnist_config, train_mnist
 
 runner = CliRunner()
@@ -102,7 +102,7 @@ def random_keeps(model: MLP, generator: torch.Generator) -> list[torch.Tensor]:
 
 
 def set_hits(model: MLP, keeps: list[torch.Tensor], refer: int = 50, threshold: float = 0.2) -> None:
-    """A record that makes ``prune_step_(model, threshold)`` keep exactly ``keeps``."""
+    """A record that makes ``model.mesimp_prune_(threshold)`` keep exactly ``keeps``."""
     bar = int(refer * threshold)
     for layer, keep in zip(model.hidden, keeps):
         layer.hits.copy_(torch.where(keep, torch.full_like(layer.hits, bar), torch.full_like(layer.hits, bar - 1)))
@@ -117,7 +117,7 @@ def test_pruned_network_equals_masked_network(seed: int, depth: int) -> None:
     keeps = random_keeps(model, gen)
     set_hits(model, keeps)
     before = sum(p.numel() for p in model.parameters())
-    sizes = prune_step_(model, 0.2)
+    sizes = model.mesimp_prune_(0.2)
     assert sizes == [int(k.sum()) for k in keeps] and model.sizes == [7, *sizes, 4]
     assert sum(p.numel() for p in model.parameters()) < before
     assert all(int(layer.hits.sum()) == 0 and layer.refer == 0 for layer in model.hidden), "records reset"
@@ -148,7 +148,7 @@ def test_optimizer_step_after_slicing_equals_unsliced_step(seed: int, name: Opti
         step(sliced, opt_sliced, x, y, None)
         step(full, opt_full, x, y, masks)
     set_hits(sliced, keeps)
-    prune_step_(sliced, 0.2, opt_sliced)
+    sliced.mesimp_prune_(0.2, opt_sliced)
     params = list(sliced.parameters())
     assert [p for g in opt_sliced.param_groups for p in g["params"]] == params, "optimizer holds the new Parameters"
     assert set(opt_sliced.state) == set(params)
@@ -175,14 +175,14 @@ def test_shrink_rejects_bad_masks() -> None:
     with pytest.raises(ValueError, match="next layer"):
         shrink_outputs_(model.layers[0], model.layers[2], torch.ones(12, dtype=torch.bool))
     with pytest.raises(ValueError, match="track_hits"):
-        prune_step_(MLP([3, 4, 2], MePropConfig()), 0.1)
+        MLP([3, 4, 2], MePropConfig()).mesimp_prune_(0.1)
 
 
 def test_save_load_round_trip_of_a_shrunk_model(tmp_path: Path, seed: int) -> None:
     model = tiny_mlp((7, 12, 9, 4))
     keeps = random_keeps(model, torch.Generator().manual_seed(seed))
     set_hits(model, keeps)
-    prune_step_(model, 0.2)
+    model.mesimp_prune_(0.2)
     path = save_mlp(model.float(), tmp_path)
     arch = json.loads(path.read_text())
     assert arch["sizes"] == model.sizes and arch["parameters"] == sum(p.numel() for p in model.parameters())

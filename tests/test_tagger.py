@@ -78,7 +78,7 @@ def test_training_learns_toy_grammar(treebank: Path, tmp_path: Path, method: Met
 
 
 def test_mesimp_shrinks_and_resume_matches(treebank: Path, tmp_path: Path) -> None:
-    changes = dict(method=Method.MESIMP, selection=GateSelection.ALL, prune_threshold=0.2, cycle=1, epochs=3)
+    changes = dict(method=Method.MESIMP, selection=GateSelection.ALL, prune=0.2, cycle=1, epochs=3)
     full = train_pos(small_config(treebank, tmp_path / "full", **changes))
     sizes = [r["sizes"][1] for r in full["history"]]
     assert sizes[-1] < 8 and sizes == sorted(sizes, reverse=True)

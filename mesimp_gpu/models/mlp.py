@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
+from mesimp_gpu.mesimp import prune_mask, reset_records_, shrink_outputs_
 
 #: ``format`` tag of the architecture JSON written by :func:`save_mlp`
 MLP_FORMAT = "mesimp-gpu/mlp-v1"
@@ -61,6 +62,21 @@ class MLP(nn.Module):
         for layer in self.layers[:-1]:
             x = nn.functional.relu(layer(x))
         return self.layers[-1](x)
+
+    def mesimp_prune_(self, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
+        """One meSimp prune step on every hidden layer; returns the new hidden sizes.
+
+        All keep masks come from the same record (taken before any slicing), then the record resets.
+        """
+        hidden = self.hidden
+        if any(layer.hits is None for layer in hidden):
+            raise ValueError("meSimp needs hit records: build the MLP with track_hits=True")
+        keeps = [prune_mask(layer.hits, layer.refer, threshold) for layer in hidden]
+        for i, keep in enumerate(keeps):
+            if not bool(keep.all()):
+                shrink_outputs_(self.layers[i], self.layers[i + 1], keep, optimizer)
+        reset_records_(hidden)
+        return [layer.out_features for layer in hidden]
 
 
 def save_mlp(model: MLP, directory: str | Path) -> Path:

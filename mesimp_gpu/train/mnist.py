@@ -6,8 +6,9 @@ A checkpoint and the results file are rewritten (atomically) after every piece, 
 continues an interrupted run from its last finished piece and gives the same result as an
 uninterrupted run.
 
-meSimp (the default method) adds the prune schedule of :mod:`mesimp_gpu.mesimp` as a chunk hook:
-a prune step after each chunk of the pruning cycles, before that chunk's evaluation. The shrunk
+meSimp (the default method) runs the prune schedule of :mod:`mesimp_gpu.mesimp` (through the shared
+loop of :mod:`mesimp_gpu.train.trainer`): a prune step after each chunk of the pruning cycles, before that
+chunk's evaluation. The shrunk
 network is checkpointed with its new shape. Whenever dev improves, the model is saved as
 ``model.json`` + ``model.pt``, so the saved model is the one whose test score is reported.
 With ``compare_same_size`` a dense MLP of the final simplified sizes is then trained from scratch
@@ -19,7 +20,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,20 +28,14 @@ from tqdm import tqdm
 
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.io import write_json
-from mesimp_gpu.mesimp import MesimpHook, MomentReset
+from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.plots import plot_simplification
-from mesimp_gpu.train.common import (
-    METHOD_MODE,
-    PHASES,
-    Method,
-    Trainer,
-    accuracy,
-    check_run_settings,
-    chunk_bounds,
-)
+from mesimp_gpu.train.records import PHASES, accuracy
+from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
+from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
 
 INPUT_SIZE, CLASSES = 784, 10
 
@@ -82,8 +77,6 @@ class MnistConfig:
                                   "batch_size": self.batch_size, "chunks": self.chunks})
         if self.hidden_sizes is not None and (not self.hidden_sizes or min(self.hidden_sizes) < 1):
             raise ValueError(f"--hidden-sizes must be positive widths, got {list(self.hidden_sizes)}")
-        if not 0.0 <= self.prune < 1.0:
-            raise ValueError(f"--prune must be in [0, 1), got {self.prune}")
         if self.compare_same_size and self.method is not Method.MESIMP:
             raise ValueError("--compare-same-size needs --method mesimp (it compares with the simplified sizes)")
         widest = max(self.sizes[1:-1])
@@ -127,13 +120,6 @@ def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
 RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "threads", "data_dir", "out", "compare_same_size"}
 
 
-class ChunkHook(Protocol):
-    """Something that acts between pieces of training (meSimp's prune steps use this)."""
-
-    def on_chunk_end(self, trainer: "MnistTrainer", epoch: int, chunk: int) -> dict[str, Any]:
-        """Called after each piece's update steps, before evaluation; returns fields for the history record."""
-
-
 def subset(data: Mnist, limit: int | None) -> Mnist:
     """The first ``limit`` training and ``limit // 10`` (at least 100) dev and test examples."""
     if limit is None:
@@ -143,21 +129,17 @@ def subset(data: Mnist, limit: int | None) -> Mnist:
 
 
 class MnistTrainer(Trainer):
-    """One MNIST run: data on the device, the MLP, optional chunk hooks (meSimp), and the shared bookkeeping."""
+    """One MNIST run: data on the device, the MLP, and the shared loop (meSimp schedule, hooks, records)."""
 
     resumable_changes = RESUMABLE_CHANGES
     title = "MNIST"
 
-    def __init__(self, config: MnistConfig, data: Mnist | None = None, hooks: tuple[ChunkHook, ...] = ()) -> None:
-        super().__init__(config)
+    def __init__(self, config: MnistConfig, data: Mnist | None = None, hooks: tuple[PieceHook, ...] = ()) -> None:
+        super().__init__(config, hooks)
         data = subset(data or load_mnist(config.data_dir), config.limit)
         self.train_set, self.dev, self.test = (
             Split(s.images.to(self.device), s.labels.to(self.device)) for s in (data.train, data.dev, data.test)
         )
-        self.chunks_per_epoch = len(chunk_bounds(len(self.train_set), config.chunks))
-        if config.method is Method.MESIMP:
-            hooks = (MesimpHook(config.prune, config.cycle, config.reset_moments), *hooks)
-        self.hooks = hooks
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum" if config.grad_sum else "mean")
         self.start()
 
@@ -212,12 +194,6 @@ class MnistTrainer(Trainer):
     def piece_steps(self, piece: torch.Tensor) -> int:
         return -(-len(piece) // self.config.batch_size)
 
-    def after_piece(self, epoch: int, chunk: int, last: bool) -> dict[str, Any]:
-        extra: dict[str, Any] = {}
-        for hook in self.hooks:
-            extra.update(hook.on_chunk_end(self, epoch, chunk))
-        return extra
-
     def results(self, final: bool = False) -> dict[str, Any]:
         """The results document: the shared core plus kept sizes (final and at the best dev score) and times."""
         results = self.results_core("mnist", final)
@@ -243,7 +219,7 @@ def same_size_config(config: MnistConfig, kept: list[int]) -> MnistConfig:
 
 
 def train_mnist(config: MnistConfig, resume: bool = False, data: Mnist | None = None,
-                hooks: tuple[ChunkHook, ...] = ()) -> dict[str, Any]:
+                hooks: tuple[PieceHook, ...] = ()) -> dict[str, Any]:
     """Train as ``config`` says (continuing ``config.out``'s checkpoint when ``resume``); returns the results.
 
     With ``compare_same_size`` the results gain ``same_size``: the final metrics of the dense

@@ -9,11 +9,11 @@ After each piece the dev set is scored, and the test set when dev improved; the 
 is the one at the best dev accuracy. Checkpoint and results are rewritten after every piece, so
 ``resume`` continues from the last finished piece.
 
-meSimp schedule: the MLP's (:mod:`mesimp_gpu.mesimp`: :func:`~mesimp_gpu.mesimp.prunes_in`,
-:func:`~mesimp_gpu.mesimp.ends_cycle`). Cycles of ``cycle`` epochs; in even cycles a prune step
-(:meth:`~mesimp_gpu.lstm.MePropLSTM.mesimp_prune_`) follows every piece, before its evaluation; in odd
-cycles the kept units stay fixed while the hit record keeps counting. Adam's moments are reset after
-the last piece of every cycle. ``cycle = 0`` prunes after every piece of every epoch. With the default
+meSimp schedule: the one every trainer shares (:class:`~mesimp_gpu.mesimp.MesimpSchedule`, the same
+options as ``train mnist``). Cycles of ``cycle`` epochs; in even cycles a prune step
+(:meth:`~mesimp_gpu.models.tagger.Tagger.mesimp_prune_`) follows every piece, before its evaluation; in odd
+cycles the kept units stay fixed while the hit record keeps counting. Adam's moments are reset as
+``reset_moments`` says. ``cycle = 0`` prunes after every piece of every epoch. With the default
 ``cycle = 5`` a short run (up to 5 epochs) prunes after every piece.
 """
 
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
-import typer
 from tqdm import tqdm
 
 from mesimp_gpu.data.conllu import (
@@ -42,10 +41,11 @@ from mesimp_gpu.data.conllu import (
 )
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.meprop import MePropConfig
-from mesimp_gpu.mesimp import check_threshold, ends_cycle, prunes_in
+from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.models.tagger import Tagger
-from mesimp_gpu.optim import OptimizerName, reset_moments
-from mesimp_gpu.train.common import METHOD_MODE, Method, Trainer, check_run_settings, chunk_bounds
+from mesimp_gpu.optim import OptimizerName
+from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
+from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
 
 SPLITS = ("train", "dev", "test")
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
@@ -73,8 +73,10 @@ class PosConfig:
     word_dropout: float = 0.25  # alpha: a word of train count c becomes UNK with probability alpha / (alpha + c)
     tagset: TagSet = TagSet.XPOS  # xpos (Penn Treebank in EWT) or upos
     chunks: int = 4  # dev evaluations per epoch
-    prune_threshold: float = 0.1  # meSimp: drop units with hits < floor(refer * threshold)
+    prune: float = 0.1  # meSimp: remove units with hits < floor(refer * prune), in [0, 1)
     cycle: int = 5  # meSimp: epochs per cycle; prune in even cycles, fixed in odd ones; 0: always prune
+    reset_moments: MomentReset = MomentReset.CYCLE  # meSimp: when Adam's m and v (not t) are zeroed
+    nonzero_hits: bool = False  # meSimp: count only selected non-zero gradients as hits (reference: all)
     seed: int = 1  # seeds initialisation, shuffling, word dropout and random selection
     device: str = "cpu"  # cpu, cuda or cuda:N
     backend: str = "auto"  # meProp backend, see mesimp_gpu.backends
@@ -93,7 +95,6 @@ class PosConfig:
                                   "feature_dim": self.feature_dim, "chunks": self.chunks})
         if self.word_dropout < 0:
             raise ValueError(f"--word-dropout must be >= 0, got {self.word_dropout}")
-        check_threshold(self.prune_threshold)
         if self.data_dir is None and None in (self.train_file, self.dev_file, self.test_file):
             raise ValueError("no data: pass --data-dir (a folder with *train/*dev/*test.conllu[.gz]) "
                              "or all of --train-file, --dev-file and --test-file")
@@ -149,8 +150,10 @@ class PosTrainer(Trainer):
     resumable_changes = RESUMABLE_CHANGES
     title = "POS tagging"
 
-    def __init__(self, config: PosConfig, splits: dict[str, list[Sentence]] | None = None) -> None:
-        super().__init__(config)
+    def __init__(
+        self, config: PosConfig, splits: dict[str, list[Sentence]] | None = None, hooks: tuple[PieceHook, ...] = ()
+    ) -> None:
+        super().__init__(config, hooks)
         c = config
         if splits is None:
             splits, paths = load_splits(c)
@@ -167,7 +170,7 @@ class PosTrainer(Trainer):
         c = self.config
         model = Tagger(
             len(self.vocab.words), [len(v) for v in self.vocab.features.values()], len(self.vocab.tags),
-            MePropConfig(METHOD_MODE[c.method], c.k, c.backend), hidden=c.hidden, word_dim=c.word_dim,
+            MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.nonzero_hits), hidden=c.hidden, word_dim=c.word_dim,
             feature_dim=c.feature_dim, bidirectional=c.bidirectional, selection=c.selection, counting=c.counting,
             track_hits=c.method is Method.MESIMP,
         )
@@ -189,18 +192,6 @@ class PosTrainer(Trainer):
     def restore_records(self, state: dict[str, Any]) -> None:
         for d, refer in zip(self.model.lstm.directions, state["refer"]):
             d.refer = refer
-
-    def after_piece(self, epoch: int, chunk: int, last: bool) -> dict[str, Any]:
-        """After a piece (meSimp only): prune in pruning epochs, reset Adam's moments at a cycle's end."""
-        c = self.config
-        if c.method is not Method.MESIMP:
-            return {}
-        record = {"pruned": prunes_in(epoch, c.cycle), "moments_reset": last and ends_cycle(epoch, c.cycle)}
-        if record["pruned"]:
-            self.model.mesimp_prune_(c.prune_threshold, self.optimizer)
-        if record["moments_reset"]:
-            reset_moments(self.optimizer)
-        return record
 
     def piece_steps(self, piece: list[list[int]]) -> int:
         return len(piece)
@@ -260,80 +251,11 @@ class PosTrainer(Trainer):
 
 
 def train_pos(
-    config: PosConfig, resume: bool = False, splits: dict[str, list[Sentence]] | None = None
+    config: PosConfig, resume: bool = False, splits: dict[str, list[Sentence]] | None = None,
+    hooks: tuple[PieceHook, ...] = (),
 ) -> dict[str, Any]:
     """Train as ``config`` says (continuing ``config.out``'s checkpoint when ``resume``); returns the results."""
-    trainer = PosTrainer(config, splits)
+    trainer = PosTrainer(config, splits, hooks)
     if resume:
         trainer.restore()
     return trainer.run()
-
-
-_D = {name: f.default for name, f in PosConfig.__dataclass_fields__.items()}  # CLI defaults = config defaults
-
-
-def pos_command(
-    method: Method = typer.Option(_D["method"], help="dense: full back propagation; meprop: per-example top-k of the "
-                                  "LSTM gate gradient (the paper); unified: one top-k set per step and minibatch; "
-                                  "random: k random entries; mesimp: meprop plus pruning of rarely selected units."),
-    k: int = typer.Option(_D["k"], help="Gate-gradient entries kept per example and step "
-                          "(per gate with --selection per-gate)."),
-    selection: GateSelection = typer.Option(_D["selection"], help="Top-k over all 4H gate entries, or k in each gate."),
-    counting: HitCounting = typer.Option(_D["counting"], help="meSimp hits: once per token when any gate is kept, "
-                                         "or per kept gate."),
-    hidden: int = typer.Option(_D["hidden"], help="LSTM hidden size (per direction)."),
-    bidirectional: bool = typer.Option(_D["bidirectional"], help="Add a right-to-left LSTM."),
-    epochs: int = typer.Option(_D["epochs"], help="Passes over the training sentences."),
-    batch_size: int = typer.Option(_D["batch_size"], help="Sentences per update step (the paper: 1)."),
-    optimizer: OptimizerName = typer.Option(_D["optimizer"], help="Update rule (Adam 0.9/0.999/1e-8, AdaGrad "
-                                            "eps 1e-6, SGD)."),
-    lr: float = typer.Option(_D["lr"], help="Learning rate."),
-    clip: float = typer.Option(_D["clip"], help="Element-wise gradient clipping bound; 0 disables."),
-    word_dim: int = typer.Option(_D["word_dim"], help="Word embedding size."),
-    feature_dim: int = typer.Option(_D["feature_dim"], help="Embedding size of each of the 7 shape features."),
-    word_dropout: float = typer.Option(_D["word_dropout"], help="alpha: a word seen c times becomes UNK with "
-                                       "probability alpha / (alpha + c)."),
-    tagset: TagSet = typer.Option(_D["tagset"], help="xpos (Penn Treebank tags in EWT) or upos."),
-    chunks: int = typer.Option(_D["chunks"], help="Dev evaluations (and meSimp prune steps) per epoch."),
-    prune_threshold: float = typer.Option(_D["prune_threshold"], help="meSimp: drop units with "
-                                          "hits < floor(refer * threshold)."),
-    cycle: int = typer.Option(_D["cycle"], help="meSimp: epochs per cycle; prune in even cycles, fixed units in "
-                              "odd ones; 0: always."),
-    seed: int = typer.Option(_D["seed"], help="Random seed: same seed, same run."),
-    device: str = typer.Option(_D["device"], help="cpu, cuda or cuda:N."),
-    backend: str = typer.Option(_D["backend"], help="meProp kernels: auto, cpu, torch, triton, cupy, reference."),
-    threads: Optional[int] = typer.Option(_D["threads"], help="torch CPU threads (default: torch's choice; 1 helps "
-                                          "on a busy machine)."),
-    data_dir: Optional[Path] = typer.Option(_D["data_dir"], help="Folder with one *train, *dev and *test "
-                                            ".conllu[.gz] file."),
-    train_file: Optional[Path] = typer.Option(_D["train_file"], help="Training CoNLL-U file (instead of --data-dir)."),
-    dev_file: Optional[Path] = typer.Option(_D["dev_file"], help="Dev CoNLL-U file (instead of --data-dir)."),
-    test_file: Optional[Path] = typer.Option(_D["test_file"], help="Test CoNLL-U file (instead of --data-dir)."),
-    out: Path = typer.Option(Path(_D["out"]), help="Folder for results.json, checkpoint.pt and curves.png."),
-    limit: Optional[int] = typer.Option(_D["limit"], help="Train on the first N sentences only (quick runs)."),
-    resume: bool = typer.Option(False, help="Continue the run whose checkpoint is in --out."),
-    progress: bool = typer.Option(_D["progress"], help="Show a progress bar."),
-) -> None:
-    """Train the POS tagger (meProp LSTM) on a CoNLL-U treebank; prints the test accuracy at the best dev score."""
-    from mesimp_gpu.cli import user_errors  # the CLI's error handling; imported here because cli imports this module
-
-    def text(path: Path | None) -> str | None:
-        return None if path is None else str(path)
-
-    with user_errors():
-        config = PosConfig(
-            method=method, k=k, selection=selection, counting=counting, hidden=hidden, bidirectional=bidirectional,
-            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, word_dim=word_dim,
-            feature_dim=feature_dim, word_dropout=word_dropout, tagset=tagset, chunks=chunks,
-            prune_threshold=prune_threshold, cycle=cycle, seed=seed, device=device, backend=backend,
-            threads=threads, data_dir=text(data_dir), train_file=text(train_file), dev_file=text(dev_file),
-            test_file=text(test_file), out=str(out), limit=limit, progress=progress,
-        )
-        results = train_pos(config, resume=resume)
-    final = results["final"]
-    times = final["mean_epoch_seconds"]
-    typer.echo(
-        f"test accuracy {final['test_acc_at_best_dev']:.2f}% at best dev {final['best_dev_acc']:.2f}% | "
-        f"sizes {'-'.join(map(str, final['sizes']))} | per epoch: forward {times['forward']:.1f}s, "
-        f"backward {times['backward']:.1f}s, update {times['update']:.1f}s | results in {out / 'results.json'}"
-    )

@@ -1,236 +1,23 @@
-"""Run bookkeeping shared by every trainer: devices, seeds, phase timers, machine description,
-evaluation with best-dev tracking, checkpoints and results files."""
+"""The training loop every task trainer shares: pieces of epochs, timed update steps, the meSimp schedule,
+best-dev tracking, checkpoints that resume exactly, and the results document's common part."""
 
 from __future__ import annotations
 
-import enum
-import os
-import platform
-import random
-import subprocess
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, is_dataclass
-from enum import Enum
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from mesimp_gpu.backends import get_backend
-from mesimp_gpu.io import save_torch, write_json
-from mesimp_gpu.meprop import MePropMode
+from mesimp_gpu.io import write_json
+from mesimp_gpu.machine import describe
 from mesimp_gpu.optim import build_optimizer, clip_elementwise
 from mesimp_gpu.plots import plot_history
-
-PHASES = ("forward", "backward", "update")
-
-
-class Method(str, enum.Enum):
-    """Training method of every trainer (meProp applies to the hidden layers, the output layer is dense)."""
-
-    MESIMP = "mesimp"  # meProp top-k plus hit records and prune steps: the model shrinks
-    DENSE = "dense"  # full back propagation everywhere
-    MEPROP = "meprop"  # per-example top-k (the paper's method)
-    UNIFIED = "unified"  # one top-k set per minibatch
-    RANDOM = "random"  # k random entries per example (ablation)
-
-
-#: the meProp mode of each method's hidden layers
-METHOD_MODE = {
-    Method.MESIMP: MePropMode.TOPK,
-    Method.DENSE: MePropMode.DENSE,
-    Method.MEPROP: MePropMode.TOPK,
-    Method.UNIFIED: MePropMode.UNIFIED,
-    Method.RANDOM: MePropMode.RANDOM,
-}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, checked to exist here; raises ValueError with what to do."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) present")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
-    return device
-
-
-def check_run_settings(config: Any, positive: dict[str, int]) -> None:
-    """Validate what every trainer config shares; ``positive`` names further settings that must be >= 1.
-
-    Raises ValueError naming the CLI option: ``positive`` entries, ``cycle`` >= 0, ``limit`` and
-    ``threads`` >= 1 when given, ``lr`` > 0 and ``clip`` > 0 when given.
-    """
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if config.cycle < 0:
-        raise ValueError(f"--cycle must be at least 0, got {config.cycle}")
-    for name, value in (("limit", config.limit), ("threads", config.threads)):
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
-    if config.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {config.lr}")
-    if config.clip is not None and config.clip <= 0:
-        raise ValueError(f"--clip must be positive, got {config.clip}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices) so that a run repeats exactly."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so that host timers measure it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class PhaseTimer:
-    """Accumulates wall seconds per training phase (forward / backward / update)."""
-
-    device: torch.device
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        synchronize(self.device)
-        start = time.perf_counter()
-        yield
-        synchronize(self.device)
-        self.seconds[name] += time.perf_counter() - start
-
-    def take(self) -> dict[str, float]:
-        """The accumulated seconds, then reset to zero."""
-        out, self.seconds = self.seconds, dict.fromkeys(PHASES, 0.0)
-        return out
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (falls back to platform.processor())."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str | None:
-    """The checkout's commit when running from a git tree, else None."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def machine_info(device: torch.device | None = None) -> dict[str, Any]:
-    """Describe the machine and software versions for a results file."""
-    import mesimp_gpu
-
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "mesimp_gpu": mesimp_gpu.__version__,
-        "git_commit": git_commit(),
-    }
-    for module in ("triton", "cupy"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - an optional package that fails to import is simply absent
-            info[module] = None
-    if device is not None and device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info["gpu"] = props.name
-        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
-    return info
-
-
-def jsonable(config: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON values (enums by value, paths as strings)."""
-    data = asdict(config) if is_dataclass(config) else dict(config)
-    return {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v for k, v in data.items()}
-
-
-@dataclass
-class BestTracker:
-    """Dev accuracy per evaluation; the reported test score is the one at the best dev score."""
-
-    best_dev: float = -1.0
-    test_at_best: float | None = None
-    best_step: int | None = None
-
-    def improved(self, dev: float) -> bool:
-        return dev > self.best_dev
-
-    def update(self, dev: float, test: float, step: int) -> None:
-        self.best_dev, self.test_at_best, self.best_step = dev, test, step
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`mesimp_gpu.io.save_torch`; a clear error when it is unreadable."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; run without --resume to start fresh")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it or run without --resume") from exc
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically (a crash keeps the previous one)."""
-    save_torch(path, payload)
-
-
-def rng_state() -> dict[str, Any]:
-    """All random generator states a run depends on."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> float:
-    """Percentage of ``inputs`` ``[N, ...]`` whose argmax logit equals ``labels`` ``[N]``."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(labels), batch_size):
-        logits = model(inputs[start : start + batch_size])
-        correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
-    model.train(was_training)
-    return 100.0 * correct / max(len(labels), 1)
+from mesimp_gpu.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mesimp_gpu.train.records import PHASES, BestTracker, PhaseTimer, jsonable
+from mesimp_gpu.train.settings import Method, mesimp_schedule, resolve_device, seed_everything
 
 
 def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
@@ -245,6 +32,13 @@ def progress_bar(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False, dynamic_ncols=True)
 
 
+class PieceHook(Protocol):
+    """Something that acts between pieces of training, after the meSimp schedule (tests probe state with it)."""
+
+    def on_chunk_end(self, trainer: Trainer, epoch: int, chunk: int) -> dict[str, Any]:
+        """Called after each piece's update steps, before evaluation; returns fields for the history record."""
+
+
 class Trainer:
     """Bookkeeping every task trainer shares: device and threads, seeded model and optimizer,
     timed update steps, best-dev tracking, checkpoints that resume exactly, and the results core.
@@ -252,20 +46,24 @@ class Trainer:
     A subclass loads its data, then calls :meth:`start`; it implements :meth:`build_model`
     (``hidden_sizes`` None: the configured sizes) and :attr:`sizes`, and may extend
     :meth:`architecture_state` / :meth:`restore_records` for state outside the ``state_dict``.
-    Its config needs ``device``, ``threads``, ``backend``, ``out``, ``seed``, ``optimizer``, ``lr``, ``clip``,
-    ``lazy``.
+    Its config needs ``method``, ``device``, ``threads``, ``backend``, ``out``, ``seed``, ``optimizer``, ``lr``,
+    ``clip``, ``lazy`` and the meSimp fields ``prune``, ``cycle``, ``reset_moments``; its model, under meSimp,
+    offers ``mesimp_prune_`` (:class:`~mesimp_gpu.mesimp.Prunable`).
     """
 
     #: config fields that may differ between a run and its resumption
     resumable_changes: frozenset[str] = frozenset()
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, hooks: tuple[PieceHook, ...] = ()) -> None:
         self.config = config
         self.device = resolve_device(config.device)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         get_backend(config.backend, self.device)  # fail now, not in the first backward pass
         self.out = Path(config.out)
+        self.schedule = mesimp_schedule(config) if config.method is Method.MESIMP else None
+        self.hooks = hooks
+        self.machine = describe(self.device)  # once per run: every save writes it
 
     def start(self) -> None:
         """Seed, build the model and optimizer, and reset the run's records."""
@@ -361,7 +159,7 @@ class Trainer:
         return {
             "task": task,
             "config": jsonable(self.config),
-            "machine": machine_info(self.device),
+            "machine": self.machine,
             "finished": final,
             "history": self.history,
             "epoch_seconds": self.epoch_times,
@@ -398,8 +196,18 @@ class Trainer:
         raise NotImplementedError
 
     def after_piece(self, epoch: int, chunk: int, last: bool) -> dict[str, Any]:
-        """Between a piece's updates and its evaluation (meSimp prunes here); returns history fields."""
-        return {}
+        """Between a piece's updates and its evaluation: the meSimp schedule, then the hooks; returns history fields."""
+        extra: dict[str, Any] = {}
+        if self.schedule is not None:
+            before = self.sizes[1:-1]
+            extra = self.schedule.after_piece(self.model, self.optimizer, epoch, last)
+            if extra["pruned"]:
+                after = self.sizes[1:-1]
+                tqdm.write(f"epoch {epoch + 1} chunk {chunk + 1}: hidden sizes {'-'.join(map(str, after))} "
+                           f"(removed {sum(before) - sum(after)}, {self.parameter_count():,} parameters)")
+        for hook in self.hooks:
+            extra.update(hook.on_chunk_end(self, epoch, chunk))
+        return extra
 
     def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Score dev (and test when dev improved) through :meth:`record`."""

@@ -1,0 +1,68 @@
+"""``mesimp-gpu bench``: the options mirror :class:`~mesimp_gpu.bench.config.BenchConfig`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mesimp_gpu.bench.config import BenchConfig, Suite
+from mesimp_gpu.cli.errors import user_errors
+from mesimp_gpu.optim import OptimizerName
+
+
+_BENCH = BenchConfig()
+
+
+def bench_command(
+    device: str = typer.Option(_BENCH.device, help="cpu, cuda or cuda:N (cuda adds a calibration of the GPU)."),
+    suite: Optional[list[Suite]] = typer.Option(None, help="Suite to run (repeatable). Default: all."),
+    quick: bool = typer.Option(False, help="The ~one-minute preset: small grid, few repeats, short training."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch; 0: all cores (default)."),
+    batch: Optional[list[int]] = typer.Option(None, help=f"Batch size (repeatable). Default: {_BENCH.batches}."),
+    width: Optional[list[int]] = typer.Option(None, help=f"Layer width n (repeatable). Default: {_BENCH.widths}."),
+    k: Optional[list[int]] = typer.Option(None, help=f"Kept entries k (repeatable). Default: {_BENCH.ks}."),
+    k_fraction: Optional[float] = typer.Option(None, help="Also k = n * this per width; 0 disables. Default: 1/16."),
+    cpu_max_gflop: Optional[float] = typer.Option(None, help="Skip layer shapes whose dense forward+backward "
+                                                  f"exceeds this many GFLOP on CPU. Default: {_BENCH.cpu_max_gflop:g}."),
+    memory_limit_gib: Optional[float] = typer.Option(None, help="Skip providers needing more temporary memory. "
+                                                     f"Default: {_BENCH.memory_limit_gib:g}."),
+    warmup: Optional[int] = typer.Option(None, help=f"Untimed calls first. Default: {_BENCH.warmup}."),
+    min_repeats: Optional[int] = typer.Option(None, help=f"Samples per provider, at least. Default: {_BENCH.min_repeats}."),
+    max_repeats: Optional[int] = typer.Option(None, help=f"Samples per provider, at most. Default: {_BENCH.max_repeats}."),
+    budget_s: Optional[float] = typer.Option(None, help=f"Timed seconds per shape. Default: {_BENCH.budget_s:g}."),
+    min_sample_s: Optional[float] = typer.Option(None, help=f"Least seconds per sample. Default: {_BENCH.min_sample_s:g}."),
+    train_limit: Optional[int] = typer.Option(None, help="Train suite: first N training images only (default: all 55,000; "
+                                              "full-epoch times are then extrapolated)."),
+    train_epochs: Optional[int] = typer.Option(None, help=f"Train suite epochs. Default: {_BENCH.train_epochs}."),
+    train_k: Optional[int] = typer.Option(None, help=f"Train suite meProp k. Default: {_BENCH.train_k}."),
+    mesimp_k: Optional[int] = typer.Option(None, help=f"Train suite meSimp k. Default: {_BENCH.mesimp_k}."),
+    train_optimizer: Optional[OptimizerName] = typer.Option(None, help="Train suite update rule, at the papers' "
+                                                            "learning rate (Adam 0.001, AdaGrad 0.1, SGD 0.1). "
+                                                            f"Default: {_BENCH.train_optimizer.value}."),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (train suite)."),
+    out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
+    seed: Optional[int] = typer.Option(None, help=f"Seed of the inputs. Default: {_BENCH.seed}."),
+    report: Optional[Path] = typer.Option(None, help="Redraw tables and plots of a saved results file; runs nothing."),
+) -> None:
+    """Time meProp against dense and prior-art baselines; writes bench-<device>-<time>.json, prints tables."""
+    import shlex
+    import sys
+
+    from mesimp_gpu.bench.config import make_config
+    from mesimp_gpu.bench.report import report_file
+    from mesimp_gpu.bench.runner import main as run_main
+
+    with user_errors():
+        if report is not None:
+            typer.echo(report_file(report))
+            return
+        config = make_config(
+            quick, device=device, suites=suite, threads=threads, batches=batch, widths=width, ks=k,
+            k_fraction=k_fraction, cpu_max_gflop=cpu_max_gflop, memory_limit_gib=memory_limit_gib, warmup=warmup,
+            min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, min_sample_s=min_sample_s,
+            train_limit=train_limit, train_epochs=train_epochs, train_k=train_k, mesimp_k=mesimp_k,
+            train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir) if out_dir else None, seed=seed,
+        )
+        run_main(config, shlex.join(["mesimp-gpu", *sys.argv[1:]]))

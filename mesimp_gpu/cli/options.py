@@ -1,0 +1,71 @@
+"""Options that several commands share, declared once so that their names, choices and help agree.
+
+Each maker takes the command's default (the field default of its config dataclass).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from mesimp_gpu.backends import BACKEND_NAMES
+from mesimp_gpu.cli.errors import check_backend
+
+
+def prune_option(default: float) -> Any:
+    return typer.Option(default, help="meSimp: remove neurons with hits < floor(examples seen * prune) at each "
+                        "prune step; in [0, 1).")
+
+
+def cycle_option(default: int) -> Any:
+    return typer.Option(default, help="meSimp: epochs per cycle; prune after every piece in even cycles, fixed "
+                        "sizes in odd ones (reference 5); 0 prunes in every epoch.")
+
+
+def reset_moments_option(default: Any) -> Any:
+    return typer.Option(default, help="meSimp: when Adam's moments (not its step count) are zeroed: cycle: once "
+                        "at each cycle boundary (the paper); last-epoch: after every piece of a cycle's last epoch "
+                        "(the C# code); none.")
+
+
+def nonzero_hits_option(default: bool) -> Any:
+    return typer.Option(default, "--nonzero-hits/--all-hits", help="meSimp: count only selected non-zero "
+                        "gradients as hits, or every selected index (the reference).")
+
+
+def optimizer_option(default: Any) -> Any:
+    return typer.Option(default, help="Update rule (Adam 0.9/0.999/1e-8, AdaGrad eps 1e-6, SGD).")
+
+
+def lr_option(default: float) -> Any:
+    return typer.Option(default, help="Learning rate.")
+
+
+def clip_option(default: float | None) -> Any:
+    return typer.Option(default, help="Element-wise gradient clipping bound; 0 disables.")
+
+
+def seed_option(default: int) -> Any:
+    return typer.Option(default, help="Random seed: same seed, same run.")
+
+
+def device_option(default: str) -> Any:
+    return typer.Option(default, help="cpu, cuda or cuda:N.")
+
+
+def threads_option(default: int | None) -> Any:
+    return typer.Option(default, help="torch CPU threads (default: torch's choice; 1 gives steadier timings on a "
+                        "busy machine).")
+
+
+def backend_option(default: str) -> Any:
+    return typer.Option(default, callback=check_backend, help=f"meProp kernels: {', '.join(BACKEND_NAMES)}.")
+
+
+def resume_option() -> Any:
+    return typer.Option(False, help="Continue the run whose checkpoint is in --out.")
+
+
+def progress_option(default: bool) -> Any:
+    return typer.Option(default, help="Show a progress bar.")

@@ -1,0 +1,194 @@
+"""``mesimp-gpu train mnist|pos``: each command's options mirror its config dataclass
+(:class:`~mesimp_gpu.train.mnist.MnistConfig`, :class:`~mesimp_gpu.train.pos.PosConfig`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mesimp_gpu.cli.errors import given_options, user_errors
+from mesimp_gpu.cli.options import (
+    backend_option,
+    clip_option,
+    cycle_option,
+    device_option,
+    lr_option,
+    nonzero_hits_option,
+    optimizer_option,
+    progress_option,
+    prune_option,
+    reset_moments_option,
+    resume_option,
+    seed_option,
+    threads_option,
+)
+from mesimp_gpu.data.conllu import TagSet
+from mesimp_gpu.lstm import GateSelection, HitCounting
+from mesimp_gpu.mesimp import MomentReset
+from mesimp_gpu.optim import OptimizerName
+from mesimp_gpu.train.mnist import MnistConfig, Preset, mnist_config
+from mesimp_gpu.train.pos import PosConfig
+from mesimp_gpu.train.settings import Method
+
+train_app = typer.Typer(help="Train a model.", no_args_is_help=True)
+
+_DEFAULT = MnistConfig()
+
+
+def parse_widths(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """``"300,200"`` -> ``(300, 200)``; None stays None. ValueError with the offending text otherwise."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--hidden-sizes must be comma-separated integers like 300,200; got {text!r}") from None
+
+
+@train_app.command("mnist")
+def train_mnist_command(
+    ctx: typer.Context,
+    preset: Optional[Preset] = typer.Option(None, help="paper: exactly the meSimp reference (k 160, prune 0.1, batch "
+                                            "100, 20 epochs, 8 chunks, cycles of 5 epochs, moment resets); options "
+                                            "given explicitly override it."),
+    method: Method = typer.Option(_DEFAULT.method, help="mesimp: top-k back propagation plus prune steps that shrink "
+                                  "the network; dense: full back propagation; meprop: per-example top-k (the paper); "
+                                  "unified: one top-k set per minibatch; random: k random columns."),
+    k: int = typer.Option(_DEFAULT.k, help="Gradient entries kept per example in every hidden layer (meSimp "
+                          "reference 160; the meProp paper's MNIST runs use 20)."),
+    hidden: int = typer.Option(_DEFAULT.hidden, help="Width of each hidden layer."),
+    layers: int = typer.Option(_DEFAULT.layers, help="Number of hidden layers."),
+    hidden_sizes: Optional[str] = typer.Option(None, help="Per-layer widths, e.g. 154,160; overrides --hidden and "
+                                               "--layers."),
+    epochs: int = typer.Option(_DEFAULT.epochs, help="Passes over the 55,000 training images (the reference: 20)."),
+    batch_size: int = typer.Option(_DEFAULT.batch_size, help="Examples per update step."),
+    optimizer: OptimizerName = optimizer_option(_DEFAULT.optimizer),
+    lr: float = lr_option(_DEFAULT.lr),
+    clip: float = clip_option(_DEFAULT.clip),
+    lazy: bool = typer.Option(_DEFAULT.lazy, help="Update only the weight rows that per-example meProp touched in "
+                              "the step (exact for SGD and AdaGrad; Adam's moments then decay only on those rows, "
+                              "slightly different from Adam); other parameters get the full update."),
+    grad_sum: bool = typer.Option(_DEFAULT.grad_sum, "--grad-sum/--grad-mean",
+                                  help="Sum the loss over the minibatch (the reference) or average it."),
+    chunks: int = typer.Option(_DEFAULT.chunks, help="Dev evaluations (and meSimp prune steps) per epoch; test is "
+                               "scored when dev improves."),
+    prune: float = prune_option(_DEFAULT.prune),
+    cycle: int = cycle_option(_DEFAULT.cycle),
+    reset_moments: MomentReset = reset_moments_option(_DEFAULT.reset_moments),
+    nonzero_hits: bool = nonzero_hits_option(_DEFAULT.nonzero_hits),
+    compare_same_size: bool = typer.Option(_DEFAULT.compare_same_size, help="meSimp: afterwards train a dense MLP "
+                                           "of the final sizes from scratch with the same budget and report both."),
+    seed: int = seed_option(_DEFAULT.seed),
+    device: str = device_option(_DEFAULT.device),
+    threads: Optional[int] = threads_option(_DEFAULT.threads),
+    backend: str = backend_option(_DEFAULT.backend),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (raw or .gz). Default: "
+                                            "$MESIMP_DATA_DIR, then the cache, then download."),
+    out: Path = typer.Option(Path(_DEFAULT.out), help="Folder for results.json, checkpoint.pt, model.json/model.pt "
+                             "and the plots."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N images only (quick runs)."),
+    resume: bool = resume_option(),
+    progress: bool = progress_option(_DEFAULT.progress),
+) -> None:
+    """Train the 784-H-...-H-10 MNIST MLP; prints a summary table (accuracy, kept neurons, parameters, time).
+
+    Default: meSimp (k 160, prune 0.1, two hidden layers of 500), 2 epochs in 1-epoch cycles; minutes on 2 CPU cores.
+    Epoch 1 prunes after each of its 8 chunks, epoch 2 trains the fixed sizes.
+    --preset paper runs the reference: 20 epochs in cycles of 5.
+    """
+    from mesimp_gpu.train.mnist import summary_table, train_mnist
+
+    with user_errors():
+        settings = dict(
+            method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
+            batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy, grad_sum=grad_sum,
+            chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits,
+            compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
+            data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
+        )
+        if preset is not None:  # the preset fills every option the user did not give
+            settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
+        config = mnist_config(preset, **settings)
+        results = train_mnist(config, resume=resume)
+    typer.echo(summary_table(results))
+    typer.echo(f"test accuracy {results['final']['test_acc_at_best_dev']:.2f}% | results in {out / 'results.json'}, "
+               f"model (at the best dev score) in {out / 'model.json'}")
+
+
+
+
+_POS = PosConfig.__dataclass_fields__  # CLI defaults = config defaults
+
+
+def _pos_default(name: str):
+    return _POS[name].default
+
+
+@train_app.command("pos")
+def train_pos_command(
+    method: Method = typer.Option(_pos_default("method"), help="dense: full back propagation; meprop: per-example "
+                                  "top-k of the LSTM gate gradient (the paper); unified: one top-k set per step and "
+                                  "minibatch; random: k random entries; mesimp: meprop plus pruning of rarely "
+                                  "selected units."),
+    k: int = typer.Option(_pos_default("k"), help="Gate-gradient entries kept per example and step "
+                          "(per gate with --selection per-gate)."),
+    selection: GateSelection = typer.Option(_pos_default("selection"), help="Top-k over all 4H gate entries, or k "
+                                            "in each gate."),
+    counting: HitCounting = typer.Option(_pos_default("counting"), help="meSimp hits: once per token when any gate "
+                                         "is kept, or per kept gate."),
+    hidden: int = typer.Option(_pos_default("hidden"), help="LSTM hidden size (per direction)."),
+    bidirectional: bool = typer.Option(_pos_default("bidirectional"), help="Add a right-to-left LSTM."),
+    epochs: int = typer.Option(_pos_default("epochs"), help="Passes over the training sentences."),
+    batch_size: int = typer.Option(_pos_default("batch_size"), help="Sentences per update step (the paper: 1)."),
+    optimizer: OptimizerName = optimizer_option(_pos_default("optimizer")),
+    lr: float = lr_option(_pos_default("lr")),
+    clip: float = clip_option(_pos_default("clip")),
+    word_dim: int = typer.Option(_pos_default("word_dim"), help="Word embedding size."),
+    feature_dim: int = typer.Option(_pos_default("feature_dim"), help="Embedding size of each of the 7 shape "
+                                    "features."),
+    word_dropout: float = typer.Option(_pos_default("word_dropout"), help="alpha: a word seen c times becomes UNK "
+                                       "with probability alpha / (alpha + c)."),
+    tagset: TagSet = typer.Option(_pos_default("tagset"), help="xpos (Penn Treebank tags in EWT) or upos."),
+    chunks: int = typer.Option(_pos_default("chunks"), help="Dev evaluations (and meSimp prune steps) per epoch."),
+    prune: float = prune_option(_pos_default("prune")),
+    cycle: int = cycle_option(_pos_default("cycle")),
+    reset_moments: MomentReset = reset_moments_option(_pos_default("reset_moments")),
+    nonzero_hits: bool = nonzero_hits_option(_pos_default("nonzero_hits")),
+    seed: int = seed_option(_pos_default("seed")),
+    device: str = device_option(_pos_default("device")),
+    backend: str = backend_option(_pos_default("backend")),
+    threads: Optional[int] = threads_option(_pos_default("threads")),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with one *train, *dev and *test .conllu[.gz] file."),
+    train_file: Optional[Path] = typer.Option(None, help="Training CoNLL-U file (instead of --data-dir)."),
+    dev_file: Optional[Path] = typer.Option(None, help="Dev CoNLL-U file (instead of --data-dir)."),
+    test_file: Optional[Path] = typer.Option(None, help="Test CoNLL-U file (instead of --data-dir)."),
+    out: Path = typer.Option(Path(_pos_default("out")), help="Folder for results.json, checkpoint.pt and curves.png."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N sentences only (quick runs)."),
+    resume: bool = resume_option(),
+    progress: bool = progress_option(_pos_default("progress")),
+) -> None:
+    """Train the POS tagger (meProp LSTM) on a CoNLL-U treebank; prints the test accuracy at the best dev score."""
+    from mesimp_gpu.train.pos import train_pos
+
+    def text(path: Path | None) -> str | None:
+        return None if path is None else str(path)
+
+    with user_errors():
+        config = PosConfig(
+            method=method, k=k, selection=selection, counting=counting, hidden=hidden, bidirectional=bidirectional,
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, word_dim=word_dim,
+            feature_dim=feature_dim, word_dropout=word_dropout, tagset=tagset, chunks=chunks, prune=prune,
+            cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits, seed=seed, device=device,
+            backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
+            dev_file=text(dev_file), test_file=text(test_file), out=str(out), limit=limit, progress=progress,
+        )
+        results = train_pos(config, resume=resume)
+    final = results["final"]
+    times = final["mean_epoch_seconds"]
+    typer.echo(
+        f"test accuracy {final['test_acc_at_best_dev']:.2f}% at best dev {final['best_dev_acc']:.2f}% | "
+        f"sizes {'-'.join(map(str, final['sizes']))} | per epoch: forward {times['forward']:.1f}s, "
+        f"backward {times['backward']:.1f}s, update {times['update']:.1f}s | results in {out / 'results.json'}"
+    )
