@@ -12,11 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 
 from mesimp_gpu.bench.config import Pass, Provider, Suite
-from mesimp_gpu.plots import save_figure
+from mesimp_gpu.plots import new_figure, save_figure
 from mesimp_gpu.train.records import PHASES
 
 Row = dict[str, Any]
@@ -219,8 +218,7 @@ def plot_layer(rows: Sequence[Row], mode: Pass, path: Path, title: str) -> None:
     batches = sorted({r["batch"] for r in rows})
     widths = sorted({r["width"] for r in rows})
     backends = list(dict.fromkeys(r["backend"] for r in timed if r["backend"]))
-    fig, axes = plt.subplots(len(batches), len(widths), figsize=(4.2 * len(widths), 3.4 * len(batches)),
-                             squeeze=False, sharey=True)
+    fig, axes = new_figure(len(batches), len(widths), figsize=(4.2 * len(widths), 3.4 * len(batches)), sharey=True)
     for i, batch in enumerate(batches):
         for j, width in enumerate(widths):
             ax = axes[i][j]
@@ -254,7 +252,8 @@ def plot_layer(rows: Sequence[Row], mode: Pass, path: Path, title: str) -> None:
 
 def plot_train(rows: Sequence[Row], path: Path, title: str) -> None:
     """Stacked bars: seconds per epoch in forward, backward and update, per method."""
-    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.6 * len(rows)))
+    fig, axes = new_figure(figsize=(6, 0.8 + 0.6 * len(rows)))
+    ax = axes[0][0]
     names = [r["method"] for r in rows]
     left = [0.0] * len(rows)
     for phase in PHASES:

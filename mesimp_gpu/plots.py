@@ -1,4 +1,8 @@
-"""PNG plots drawn from saved history records (matplotlib, headless)."""
+"""PNG plots drawn from saved history records (matplotlib, headless).
+
+Figures are built as :class:`matplotlib.figure.Figure` objects and rendered by :func:`save_figure`
+with the Agg canvas, so no global pyplot backend is chosen and importing this module changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from mesimp_gpu.io import write_bytes  # noqa: E402
+from mesimp_gpu.io import write_bytes
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> None:
-    """Render ``fig`` to PNG and write it atomically to ``path``."""
+def new_figure(
+    rows: int = 1, columns: int = 1, figsize: tuple[float, float] = (6, 4), sharey: bool = False
+) -> tuple[Figure, Any]:
+    """A figure with a ``rows x columns`` grid of axes (a 2-D array of Axes), not registered with pyplot."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, columns, squeeze=False, sharey=sharey)
+
+
+def save_figure(fig: Figure, path: str | Path) -> None:
+    """Render ``fig`` to PNG with the Agg canvas (headless) and write it atomically to ``path``."""
+    FigureCanvasAgg(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     write_bytes(path, buffer.getvalue())
 
 
@@ -28,7 +39,7 @@ def hidden_sizes(history: Sequence[dict[str, Any]]) -> list[list[int]]:
     return [r["sizes"][1:-1] for r in history]
 
 
-def draw_dev_accuracy(ax: plt.Axes, runs: dict[str, Sequence[dict[str, Any]]], title: str) -> None:
+def draw_dev_accuracy(ax: Axes, runs: dict[str, Sequence[dict[str, Any]]], title: str) -> None:
     """Dev accuracy against update step, one line per labelled history (legend when more than one)."""
     for label, history in runs.items():
         ax.plot([r["step"] for r in history], [r["dev_acc"] for r in history], marker=".", label=label)
@@ -39,7 +50,7 @@ def draw_dev_accuracy(ax: plt.Axes, runs: dict[str, Sequence[dict[str, Any]]], t
 
 
 def draw_hidden_sizes(
-    ax: plt.Axes, history: Sequence[dict[str, Any]], title: str = "hidden sizes", initial: Sequence[int] | None = None
+    ax: Axes, history: Sequence[dict[str, Any]], title: str = "hidden sizes", initial: Sequence[int] | None = None
 ) -> None:
     """Neurons kept per hidden layer against update step (a step line: sizes change only at prune steps);
     ``initial`` (hidden widths before training) is drawn at step 0."""
@@ -59,7 +70,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path, title: str
         return
     sizes = hidden_sizes(history)
     shrinks = any(s != sizes[0] for s in sizes)
-    fig, axes = plt.subplots(1, 2 if shrinks else 1, figsize=(11 if shrinks else 6, 4), squeeze=False)
+    fig, axes = new_figure(1, 2 if shrinks else 1, figsize=(11 if shrinks else 6, 4))
     draw_dev_accuracy(axes[0][0], {title: history}, title)
     if shrinks:
         draw_hidden_sizes(axes[0][1], history)
@@ -79,9 +90,9 @@ def plot_simplification(
     first = next(iter(runs.values()), [])
     if not first:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    draw_hidden_sizes(ax, first, f"{title}: hidden sizes", initial)
+    fig, axes = new_figure()
+    draw_hidden_sizes(axes[0][0], first, f"{title}: hidden sizes", initial)
     save_figure(fig, sizes_path)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    draw_dev_accuracy(ax, runs, f"{title}: dev accuracy")
+    fig, axes = new_figure()
+    draw_dev_accuracy(axes[0][0], runs, f"{title}: dev accuracy")
     save_figure(fig, accuracy_path)
