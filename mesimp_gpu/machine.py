@@ -8,6 +8,7 @@ benchmark and the cpu backend, which keys its compiled kernels on :func:`cpu_fla
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -77,11 +78,17 @@ def _version(module: str) -> str | None:
         return None
 
 
+def package_version() -> str | None:
+    """This package's installed version (None when it runs from an uninstalled source tree)."""
+    try:
+        return importlib.metadata.version("mesimp-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 @functools.cache
 def _static() -> dict[str, Any]:
     """The part of the description that cannot change during a process."""
-    import mesimp_gpu
-
     return {
         "cpu": cpu_model(),
         "cpu_isa": instruction_sets(),
@@ -92,7 +99,7 @@ def _static() -> dict[str, Any]:
         "numpy": np.__version__,
         "triton": _version("triton"),
         "cupy": _version("cupy"),
-        "mesimp_gpu": mesimp_gpu.__version__,
+        "mesimp_gpu": package_version(),
         "git_commit": git_commit(),
     }
 
