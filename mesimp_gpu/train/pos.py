@@ -19,9 +19,7 @@ cycles the kept units stay fixed while the hit record keeps counting. Adam's mom
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -35,7 +33,6 @@ from mesimp_gpu.data.conllu import (
     TaggingVocab,
     TagSet,
     make_batch,
-    read_conllu,
     word_counts,
     word_dropout,
 )
@@ -46,8 +43,8 @@ from mesimp_gpu.models.tagger import Tagger
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
+from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, load_splits
 
-SPLITS = ("train", "dev", "test")
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
 
 
@@ -95,43 +92,12 @@ class PosConfig:
                                   "feature_dim": self.feature_dim, "chunks": self.chunks})
         if self.word_dropout < 0:
             raise ValueError(f"--word-dropout must be >= 0, got {self.word_dropout}")
-        if self.data_dir is None and None in (self.train_file, self.dev_file, self.test_file):
-            raise ValueError("no data: pass --data-dir (a folder with *train/*dev/*test.conllu[.gz]) "
-                             "or all of --train-file, --dev-file and --test-file")
+        check_treebank_settings(self)
 
 
 #: settings that may differ between a run and its resumption
 RESUMABLE_CHANGES = {"epochs", "progress", "device", "backend", "threads", "data_dir", "train_file",
                      "dev_file", "test_file"}
-
-
-def find_treebank(config: PosConfig) -> dict[str, Path]:
-    """The train/dev/test file paths: explicit files first, else the one match per split in ``data_dir``."""
-    explicit = {"train": config.train_file, "dev": config.dev_file, "test": config.test_file}
-    paths: dict[str, Path] = {}
-    for split in SPLITS:
-        if explicit[split] is not None:
-            paths[split] = Path(explicit[split])
-            continue
-        folder = Path(config.data_dir)  # type: ignore[arg-type]  # __post_init__ guarantees one source
-        if not folder.is_dir():
-            raise FileNotFoundError(f"--data-dir {folder} is not a folder")
-        pattern = re.compile(rf".*{split}\.conllu(\.gz)?")
-        matches = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
-        if len(matches) != 1:
-            found = ", ".join(p.name for p in matches) or "none"
-            raise FileNotFoundError(f"--data-dir {folder}: need exactly one *{split}.conllu[.gz], found {found}; "
-                                    f"pass --{split}-file instead")
-        paths[split] = matches[0]
-    return paths
-
-
-def load_splits(config: PosConfig) -> tuple[dict[str, list[Sentence]], dict[str, Path]]:
-    """Sentences per split (``limit`` applied: N train, max(N // 10, 100) dev and test) and their paths."""
-    paths = find_treebank(config)
-    small = None if config.limit is None else max(config.limit // 10, 100)
-    limits = {"train": config.limit, "dev": small, "test": small}
-    return {split: read_conllu(paths[split], limits[split]) for split in SPLITS}, paths
 
 
 def length_batches(
