@@ -9,17 +9,25 @@ import typer
 
 from mesimp_gpu.cli.errors import user_errors
 from mesimp_gpu.cli.options import device_option
-from mesimp_gpu.train.evaluate import EvaluateConfig, evaluate_mnist
+from mesimp_gpu.models.mlp import MLP_FORMAT
+from mesimp_gpu.train.evaluate import EvaluateConfig, evaluate
 
 
 def evaluate_command(
-    model: Path = typer.Argument(..., help="A model.json written by a training run (or its folder)."),
-    data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files. Default: "
+    model: Path = typer.Argument(..., help="A run folder (or its model.json) written by a training run."),
+    data: Optional[Path] = typer.Option(None, help="Parser: a CoNLL-U file with gold trees to score on."),
+    data_dir: Optional[Path] = typer.Option(None, help="MNIST model: folder with the four MNIST IDX files. Default: "
                                             "$MESIMP_DATA_DIR, then the cache, then download."),
     device: str = device_option(EvaluateConfig.__dataclass_fields__["device"].default),
 ) -> None:
-    """Score a saved MNIST model (dense or meSimp-shrunk) on the 10,000 test images."""
+    """Score a saved model: an MNIST MLP (dense or meSimp-shrunk) on the 10,000 test images, a parser on --data."""
     with user_errors():
-        scores = evaluate_mnist(EvaluateConfig(str(model), str(data_dir) if data_dir else None, device))
-    typer.echo(f"test accuracy {scores['test_acc']:.2f}% on {scores['images']} images | sizes "
-               f"{'-'.join(map(str, scores['sizes']))} | {scores['parameters']:,} parameters")
+        config = EvaluateConfig(str(model), str(data) if data else None, str(data_dir) if data_dir else None, device)
+        kind, scores = evaluate(config)
+    if kind == MLP_FORMAT:
+        typer.echo(f"test accuracy {scores['test_acc']:.2f}% on {scores['images']} images | sizes "
+                   f"{'-'.join(map(str, scores['sizes']))} | {scores['parameters']:,} parameters")
+        return
+    typer.echo(f"UAS {scores['uas']:.2f} LAS {scores['las']:.2f} (without punctuation: UAS {scores['uas_no_punct']:.2f} "
+               f"LAS {scores['las_no_punct']:.2f}) on {scores['sentences']} sentences, {scores['words']} words | "
+               f"hidden {scores['hidden']} | {scores['sentences_per_second']:.0f} sentences/s")

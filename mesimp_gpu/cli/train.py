@@ -1,5 +1,6 @@
-"""``mesimp-gpu train mnist|pos``: each command's options mirror its config dataclass
-(:class:`~mesimp_gpu.train.mnist.MnistConfig`, :class:`~mesimp_gpu.train.pos.PosConfig`)."""
+"""``mesimp-gpu train mnist|pos|parse``: each command's options mirror its config dataclass
+(:class:`~mesimp_gpu.train.mnist.MnistConfig`, :class:`~mesimp_gpu.train.pos.PosConfig`,
+:class:`~mesimp_gpu.train.parse.ParseConfig`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ from mesimp_gpu.data.conllu import TagSet
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.optim import OptimizerName
+from mesimp_gpu.models.parser import Activation
 from mesimp_gpu.train.mnist import MnistConfig, Preset, mnist_config
+from mesimp_gpu.train.parse import ParseConfig
+from mesimp_gpu.train.parse import Preset as ParsePreset
 from mesimp_gpu.train.pos import PosConfig
 from mesimp_gpu.train.settings import Method
 
@@ -192,3 +196,84 @@ def train_pos_command(
         f"sizes {'-'.join(map(str, final['sizes']))} | per epoch: forward {times['forward']:.1f}s, "
         f"backward {times['backward']:.1f}s, update {times['update']:.1f}s | results in {out / 'results.json'}"
     )
+
+
+_PARSE = ParseConfig.__dataclass_fields__  # CLI defaults = config defaults
+
+
+def _parse_default(name: str):
+    return _PARSE[name].default
+
+
+@train_app.command("parse")
+def train_parse_command(
+    ctx: typer.Context,
+    preset: Optional[ParsePreset] = typer.Option(None, help="paper: Chen & Manning's training with the papers' "
+                                                 "network (500 cube units, k 20, AdaGrad 0.01, batches of 10,000 "
+                                                 "transitions, dropout 0.5, L2 1e-8); options given explicitly "
+                                                 "override it."),
+    method: Method = typer.Option(_parse_default("method"), help="mesimp: meProp top-k on the hidden layer plus prune "
+                                  "steps that shrink it; dense: full back propagation; meprop: per-transition top-k "
+                                  "(the paper); unified: one top-k set per minibatch; random: k random units."),
+    k: int = typer.Option(_parse_default("k"), help="Hidden-layer gradient entries kept per transition (papers: 20)."),
+    hidden: int = typer.Option(_parse_default("hidden"), help="Hidden units (the papers: 500)."),
+    dim: int = typer.Option(_parse_default("dim"), help="Embedding size of words, tags and labels."),
+    activation: Activation = typer.Option(_parse_default("activation"), help="Hidden activation: relu, or cube "
+                                          "(Chen & Manning)."),
+    dropout: float = typer.Option(_parse_default("dropout"), help="Dropout on the hidden layer's output."),
+    l2: float = typer.Option(_parse_default("l2"), help="L2 weight on the embeddings and the output layer."),
+    epochs: int = typer.Option(_parse_default("epochs"), help="Passes over the training transitions."),
+    batch_size: int = typer.Option(_parse_default("batch_size"), help="Transitions per update step (the meProp "
+                                   "paper: 10,000)."),
+    optimizer: OptimizerName = optimizer_option(_parse_default("optimizer")),
+    lr: float = lr_option(_parse_default("lr")),
+    clip: float = clip_option(0.0),
+    lazy: bool = typer.Option(_parse_default("lazy"), help="Update only the hidden weight rows that meProp touched "
+                              "in the step; other parameters get the full update."),
+    tagset: TagSet = typer.Option(_parse_default("tagset"), help="Input tags: xpos (Penn Treebank in EWT) or upos."),
+    chunks: int = typer.Option(_parse_default("chunks"), help="Dev evaluations (and meSimp prune steps) per epoch."),
+    prune: float = prune_option(_parse_default("prune")),
+    cycle: int = cycle_option(_parse_default("cycle")),
+    reset_moments: MomentReset = reset_moments_option(_parse_default("reset_moments")),
+    nonzero_hits: bool = nonzero_hits_option(_parse_default("nonzero_hits")),
+    compare_same_size: bool = typer.Option(_parse_default("compare_same_size"), help="meSimp: afterwards train a "
+                                           "dense parser of the final size from scratch and report both."),
+    seed: int = seed_option(_parse_default("seed")),
+    device: str = device_option(_parse_default("device")),
+    backend: str = backend_option(_parse_default("backend")),
+    threads: Optional[int] = threads_option(_parse_default("threads")),
+    data_dir: Optional[Path] = typer.Option(None, help="Folder with one *train, *dev and *test .conllu[.gz] file "
+                                            "(a UD treebank)."),
+    train_file: Optional[Path] = typer.Option(None, help="Training CoNLL-U file (instead of --data-dir)."),
+    dev_file: Optional[Path] = typer.Option(None, help="Dev CoNLL-U file (instead of --data-dir)."),
+    test_file: Optional[Path] = typer.Option(None, help="Test CoNLL-U file (instead of --data-dir)."),
+    out: Path = typer.Option(Path(_parse_default("out")), help="Folder for results.json, checkpoint.pt, "
+                             "model.json/model.pt and the plots."),
+    limit: Optional[int] = typer.Option(None, help="Train on the first N sentences only (quick runs)."),
+    resume: bool = resume_option(),
+    progress: bool = progress_option(_parse_default("progress")),
+) -> None:
+    """Train the transition parser (an MLP over 48 features, meProp/meSimp on its hidden layer) on a CoNLL-U
+    treebank; prints test UAS/LAS at the best dev score.
+
+    Default: meSimp with 500 ReLU units, k 20, Adam, 2 epochs (minutes on 2 CPU cores on UD English EWT).
+    """
+    from mesimp_gpu.train.parse import parse_config, summary_line, train_parse
+
+    def text(path: Path | None) -> str | None:
+        return None if path is None else str(path)
+
+    with user_errors():
+        settings = dict(
+            method=method, k=k, hidden=hidden, dim=dim, activation=activation, dropout=dropout, l2=l2,
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
+            tagset=tagset, chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
+            nonzero_hits=nonzero_hits, compare_same_size=compare_same_size, seed=seed, device=device,
+            backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
+            dev_file=text(dev_file), test_file=text(test_file), out=str(out), limit=limit, progress=progress,
+        )
+        if preset is not None:  # the preset fills every option the user did not give
+            settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
+        results = train_parse(parse_config(preset, **settings), resume=resume)
+    typer.echo(f"{summary_line(results)} | results in {out / 'results.json'}, model (at the best dev score) in "
+               f"{out / 'model.json'}")

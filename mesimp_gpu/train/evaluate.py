@@ -1,12 +1,20 @@
-"""``mesimp-gpu evaluate``: score a saved model of a training run on held-out data."""
+"""``mesimp-gpu evaluate``: score a saved model of a training run on held-out data.
+
+The kind of model comes from the ``format`` of its ``model.json``: an MNIST MLP is scored on the MNIST
+test images, a parser on the gold trees of a CoNLL-U file.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mesimp_gpu.data.mnist import load_mnist
-from mesimp_gpu.models.mlp import load_mlp
+from mesimp_gpu.models.mlp import MLP_FORMAT, load_mlp
+from mesimp_gpu.models.parser import PARSER_FORMAT
+from mesimp_gpu.train.inference import evaluate_parser
 from mesimp_gpu.train.records import accuracy
 from mesimp_gpu.train.settings import resolve_device
 
@@ -16,8 +24,26 @@ class EvaluateConfig:
     """Every setting of ``mesimp-gpu evaluate``; the CLI options mirror these fields."""
 
     model: str  # a model.json written by a training run, or its folder
-    data_dir: str | None = None  # MNIST folder; default: MESIMP_DATA_DIR, cache, download
+    data: str | None = None  # CoNLL-U file with gold trees (parser models)
+    data_dir: str | None = None  # MNIST folder (MNIST models); default: MESIMP_DATA_DIR, cache, download
     device: str = "cpu"  # cpu, cuda or cuda:N
+
+
+def model_format(path: str | Path) -> str:
+    """The ``format`` tag of a saved model (``path``: its ``model.json`` or folder); clear errors otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model at {path}: expected the model.json written by a training run "
+                                "(a run saves it at its first dev evaluation)")
+    try:
+        arch = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(arch, dict) or not isinstance(arch.get("format"), str):
+        raise ValueError(f"{path} is not a model file of this package (no format tag)")
+    return arch["format"]
 
 
 def evaluate_mnist(config: EvaluateConfig) -> dict[str, Any]:
@@ -31,3 +57,15 @@ def evaluate_mnist(config: EvaluateConfig) -> dict[str, Any]:
         "sizes": net.sizes,
         "parameters": sum(p.numel() for p in net.parameters()),
     }
+
+
+def evaluate(config: EvaluateConfig) -> tuple[str, dict[str, Any]]:
+    """``(format, scores)`` of the saved model, scored as its kind requires."""
+    kind = model_format(config.model)
+    if kind == MLP_FORMAT:
+        return kind, evaluate_mnist(config)
+    if kind == PARSER_FORMAT:
+        if config.data is None:
+            raise ValueError("a parser is scored on a CoNLL-U file with gold trees: pass --data FILE.conllu")
+        return kind, evaluate_parser(config.model, config.data, config.device)
+    raise ValueError(f"{config.model}: models of format {kind!r} cannot be evaluated by this version")
