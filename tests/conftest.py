@@ -42,3 +42,15 @@ def mnist_dir() -> "Path":
         if candidate and (Path(candidate) / "train-images-idx3-ubyte.gz").exists():
             return Path(candidate)
     pytest.skip("MNIST files not found: set MESIMP_DATA_DIR")
+
+
+@pytest.fixture(scope="session")
+def ud_dir() -> "Path":
+    """The project's copy of UD English EWT (MESIMP_UD_DIR, else ../shared/data/ud-english-ewt beside the checkout)."""
+    from pathlib import Path
+
+    candidates = [os.environ.get("MESIMP_UD_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "en_ewt-ud-train.conllu.gz").exists():
+            return Path(candidate)
+    pytest.skip("UD English EWT not found: set MESIMP_UD_DIR")

@@ -1,9 +1,18 @@
-"""CoNLL-U treebanks for POS tagging: a strict reader, vocabularies from train, word-shape features.
+"""CoNLL-U treebanks for POS tagging and parsing: a strict reader, a column rewriter, vocabularies from
+train, word-shape features.
 
 Reader: plain or gzip (detected from the file's first bytes, not its name). Comment lines (``#``) are
 skipped, a blank line ends a sentence, multi-word token ranges (``3-4``) and empty nodes (``5.1``) are
 skipped. Anything else that is not a 10-column token line with the next integer ID is an error
 (:class:`ConlluFormatError`) naming the file and line.
+
+Trees: the reader keeps HEAD and DEPREL of every word but does not require them to form a tree, so that
+a tagger can read files whose trees are absent (HEAD ``_``) or broken. :func:`check_tree` (or the
+reader's ``require_trees=True``) checks that they do: every HEAD an integer ``0..n``, exactly one word
+on ROOT (HEAD 0), no cycle, no empty or ``_`` DEPREL.
+
+Writing: :func:`rewrite_conllu` copies a CoNLL-U file with chosen columns of its words replaced (a
+parser's HEAD and DEPREL, a tagger's XPOS or UPOS); every other byte is copied unchanged.
 
 Tags: ``XPOS`` (Penn Treebank in English treebanks, the paper's tag set) or ``UPOS``.
 
@@ -27,15 +36,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from mesimp_gpu.io import write_bytes
+
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 #: label for padded positions; ``cross_entropy``'s default ``ignore_index``
 IGNORE_TAG = -100
 COLUMNS = 10
+#: CoNLL-U column names in file order
+COLUMN_NAMES = ("ID", "FORM", "LEMMA", "UPOS", "XPOS", "FEATS", "HEAD", "DEPREL", "DEPS", "MISC")
+#: :attr:`Sentence.heads` entry of a HEAD that is not an integer (``_`` in files without trees)
+NO_HEAD = -1
 _GZIP_MAGIC = b"\x1f\x8b"
 _INT_ID = re.compile(r"[1-9][0-9]*")
 _RANGE_ID = re.compile(r"[1-9][0-9]*-[1-9][0-9]*")
 _EMPTY_ID = re.compile(r"[0-9]+\.[1-9][0-9]*")
+_HEAD = re.compile(r"0|[1-9][0-9]*")
 _DIGIT = re.compile(r"[0-9]")
 
 
@@ -54,49 +70,71 @@ class ConlluFormatError(ValueError):
 class Sentence:
     """One sentence's syntactic words (multi-word tokens and empty nodes removed).
 
-    ``source`` is ``file:line`` of the sentence's first token line, for error messages.
+    ``source`` is ``file:line`` of the sentence's first token line, for error messages. ``heads[i]`` is
+    the HEAD of word ``i + 1`` (0 = ROOT, :data:`NO_HEAD` when the column is not an integer) and
+    ``deprels[i]`` its DEPREL; ``lines[i]`` is the line number of word ``i + 1`` in the file. The three
+    are empty for sentences built by hand without a tree.
     """
 
     words: tuple[str, ...]
     upos: tuple[str, ...]
     xpos: tuple[str, ...]
     source: str
+    heads: tuple[int, ...] = ()
+    deprels: tuple[str, ...] = ()
+    lines: tuple[int, ...] = ()
 
     def tags(self, tagset: TagSet) -> tuple[str, ...]:
         """The tag column chosen by ``tagset``."""
         return self.xpos if tagset is TagSet.XPOS else self.upos
 
 
-def _open_text(path: Path):
-    """Open ``path`` as UTF-8 text, gunzipping when the file starts with the gzip magic bytes."""
+def _open_text(path: Path, newline: str | None = None):
+    """Open ``path`` as UTF-8 text, gunzipping when the file starts with the gzip magic bytes.
+
+    ``newline`` as for :func:`open`; ``""`` keeps line endings as they are in the file.
+    """
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic == _GZIP_MAGIC:
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)
+    return open(path, encoding="utf-8", newline=newline)
 
 
-def iter_conllu(path: str | Path) -> Iterator[Sentence]:
-    """Yield the sentences of the CoNLL-U file ``path`` (plain or gzip), checking every line."""
+def _head(field: str) -> int:
+    """HEAD column as an integer, :data:`NO_HEAD` when it is not one."""
+    return int(field) if _HEAD.fullmatch(field) else NO_HEAD
+
+
+def iter_conllu(path: str | Path, require_trees: bool = False) -> Iterator[Sentence]:
+    """Yield the sentences of the CoNLL-U file ``path`` (plain or gzip), checking every line.
+
+    With ``require_trees``, every sentence must also pass :func:`check_tree`.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CoNLL-U file not found: {path}")
-    words: list[str] = []
-    upos: list[str] = []
-    xpos: list[str] = []
-    start = 0
+    rows: list[tuple[str, str, str, int, str, int]] = []  # (FORM, UPOS, XPOS, HEAD, DEPREL, line) per word
+
+    def sentence() -> Sentence:
+        words, upos, xpos, heads, deprels, lines = (tuple(column) for column in zip(*rows))
+        rows.clear()
+        made = Sentence(words, upos, xpos, f"{path}:{lines[0]}", heads, deprels, lines)
+        if require_trees:
+            check_tree(made)
+        return made
+
     with _open_text(path) as f:
         try:
             for number, raw in enumerate(f, start=1):
                 line = raw.rstrip("\r\n")
                 where = f"{path}:{number}"
                 if not line.strip():
-                    if words:
-                        yield Sentence(tuple(words), tuple(upos), tuple(xpos), f"{path}:{start}")
-                        words, upos, xpos = [], [], []
+                    if rows:
+                        yield sentence()
                     continue
                 if line.startswith("#"):
-                    if words:
+                    if rows:
                         raise ConlluFormatError(f"{where}: comment line inside a sentence; a blank line must end it")
                     continue
                 fields = line.split("\t")
@@ -112,31 +150,160 @@ def iter_conllu(path: str | Path) -> Iterator[Sentence]:
                     raise ConlluFormatError(
                         f"{where}: token ID {token_id!r} is not an integer, a range or an empty node"
                     )
-                if int(token_id) != len(words) + 1:
-                    raise ConlluFormatError(f"{where}: token ID {token_id} out of order, expected {len(words) + 1}")
+                if int(token_id) != len(rows) + 1:
+                    raise ConlluFormatError(f"{where}: token ID {token_id} out of order, expected {len(rows) + 1}")
                 if not fields[1]:
                     raise ConlluFormatError(f"{where}: empty FORM column")
-                if not words:
-                    start = number
-                words.append(fields[1])
-                upos.append(fields[3])
-                xpos.append(fields[4])
+                rows.append((fields[1], fields[3], fields[4], _head(fields[6]), fields[7], number))
         except UnicodeDecodeError as exc:
             raise ConlluFormatError(f"{path}: not UTF-8 text ({exc.reason}); CoNLL-U files are UTF-8") from exc
-    if words:  # the last sentence may lack its closing blank line
-        yield Sentence(tuple(words), tuple(upos), tuple(xpos), f"{path}:{start}")
+    if rows:  # the last sentence may lack its closing blank line
+        yield sentence()
 
 
-def read_conllu(path: str | Path, limit: int | None = None) -> list[Sentence]:
-    """The first ``limit`` sentences (all when None) of the CoNLL-U file ``path``."""
+def read_conllu(path: str | Path, limit: int | None = None, require_trees: bool = False) -> list[Sentence]:
+    """The first ``limit`` sentences (all when None) of the CoNLL-U file ``path``.
+
+    With ``require_trees``, every sentence read must pass :func:`check_tree`.
+    """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be positive, got {limit}")
     sentences = []
-    for sentence in iter_conllu(path):
+    for sentence in iter_conllu(path, require_trees=require_trees):
         sentences.append(sentence)
         if limit is not None and len(sentences) >= limit:
             break
     return sentences
+
+
+def _word_location(sentence: Sentence, word: int) -> str:
+    """``file:line`` of word ``word`` (1-based), the sentence's own ``source`` when lines are unknown."""
+    if len(sentence.lines) == len(sentence.words):
+        return f"{sentence.source.rsplit(':', 1)[0]}:{sentence.lines[word - 1]}"
+    return sentence.source
+
+
+def check_tree(sentence: Sentence) -> None:
+    """Raise :class:`ConlluFormatError` naming file and line unless HEAD and DEPREL form a tree.
+
+    A tree: every HEAD an integer ``0..n`` (``n`` words), exactly one word with HEAD 0, every word
+    reaches ROOT by following heads (no cycle), every DEPREL neither empty nor ``_``.
+    """
+    n = len(sentence.words)
+    if len(sentence.heads) != n or len(sentence.deprels) != n:
+        raise ConlluFormatError(f"{sentence.source}: sentence has no HEAD and DEPREL columns")
+    roots = []
+    for word, (head, deprel) in enumerate(zip(sentence.heads, sentence.deprels), start=1):
+        where = _word_location(sentence, word)
+        if head == NO_HEAD:
+            raise ConlluFormatError(f"{where}: HEAD of word {word} is not an integer; a tree needs one")
+        if not 0 <= head <= n:
+            raise ConlluFormatError(f"{where}: HEAD {head} of word {word} is out of range 0..{n}")
+        if deprel in ("", "_"):
+            raise ConlluFormatError(f"{where}: DEPREL of word {word} is {deprel!r}; a tree needs a relation")
+        if head == 0:
+            roots.append(word)
+            if len(roots) > 1:
+                raise ConlluFormatError(
+                    f"{where}: word {word} is a second root (HEAD 0) after word {roots[0]}; a tree has one"
+                )
+    if not roots:
+        raise ConlluFormatError(f"{sentence.source}: no word has HEAD 0; a tree needs a root")
+    # 0 = unvisited, 1 = on the path being followed, 2 = known to reach ROOT
+    state = [2] + [0] * n
+    for word in range(1, n + 1):
+        path = []
+        node = word
+        while state[node] == 0:
+            state[node] = 1
+            path.append(node)
+            node = sentence.heads[node - 1]
+        if state[node] == 1:  # came back to a word of this path before reaching ROOT
+            cycle = path[path.index(node):]
+            raise ConlluFormatError(
+                f"{_word_location(sentence, min(cycle))}: words {sorted(cycle)} form a cycle of heads"
+            )
+        for visited in path:
+            state[visited] = 2
+
+
+def rewrite_conllu(
+    src: str | Path, dst: str | Path, columns_per_sentence: Iterable[dict[str, Sequence[str]]]
+) -> None:
+    """Copy the CoNLL-U file ``src`` (plain or gzip) to ``dst`` (plain UTF-8), replacing word columns.
+
+    ``columns_per_sentence`` yields one ``{column name: values}`` per sentence of ``src`` (the sentences
+    :func:`iter_conllu` yields, in order), one value per syntactic word, e.g.
+    ``{"HEAD": ["2", "0"], "DEPREL": ["nsubj", "root"]}``; names from :data:`COLUMN_NAMES` except ID
+    and FORM, which define the sentence. Comments, multi-word token lines, empty nodes, other columns
+    and line endings are copied byte for byte. ``dst`` is written atomically: a crash leaves either
+    the old file or the complete new one.
+    """
+    src = Path(src)
+    if not src.is_file():
+        raise FileNotFoundError(f"CoNLL-U file not found: {src}")
+    replacements = iter(columns_per_sentence)
+    out: list[str] = []
+    block: list[str] = []  # the lines of the sentence being read, line endings included
+    word_rows: list[int] = []  # indices in ``block`` of its word lines
+    first_line = 0
+
+    def flush() -> None:
+        if word_rows:
+            _replace_columns(block, word_rows, next(replacements, None), f"{src}:{first_line}")
+        out.extend(block)
+        block.clear()
+        word_rows.clear()
+
+    with _open_text(src, newline="") as f:
+        try:
+            for number, raw in enumerate(f, start=1):
+                line = raw.rstrip("\r\n")
+                if not line.strip():
+                    block.append(raw)
+                    flush()
+                    continue
+                if not line.startswith("#"):
+                    fields = line.split("\t")
+                    if len(fields) != COLUMNS:
+                        raise ConlluFormatError(
+                            f"{src}:{number}: expected {COLUMNS} tab-separated columns, found {len(fields)}"
+                        )
+                    if _INT_ID.fullmatch(fields[0]):
+                        if not word_rows:
+                            first_line = number
+                        word_rows.append(len(block))
+                block.append(raw)
+        except UnicodeDecodeError as exc:
+            raise ConlluFormatError(f"{src}: not UTF-8 text ({exc.reason}); CoNLL-U files are UTF-8") from exc
+    flush()
+    if next(replacements, None) is not None:
+        raise ValueError(f"more replacement columns than the {src} has sentences")
+    write_bytes(dst, "".join(out).encode("utf-8"))
+
+
+def _replace_columns(
+    block: list[str], word_rows: list[int], columns: dict[str, Sequence[str]] | None, where: str
+) -> None:
+    """Replace, in place, the named columns of the word lines ``block[word_rows]`` of one sentence."""
+    if columns is None:
+        raise ValueError(f"{where}: no replacement columns left for this sentence")
+    for name, values in columns.items():
+        if name not in COLUMN_NAMES[2:]:
+            raise ValueError(f"{where}: cannot replace column {name!r}; choose from {COLUMN_NAMES[2:]}")
+        if len(values) != len(word_rows):
+            raise ValueError(f"{where}: {len(values)} {name} values for a sentence of {len(word_rows)} words")
+        for value in values:
+            if not value or any(c in value for c in "\t\r\n"):
+                raise ValueError(f"{where}: {name} value {value!r} is empty or holds a tab or line break")
+    indices = [(COLUMN_NAMES.index(name), values) for name, values in columns.items()]
+    for k, row in enumerate(word_rows):
+        raw = block[row]
+        line = raw.rstrip("\r\n")
+        fields = line.split("\t")
+        for index, values in indices:
+            fields[index] = str(values[k])
+        block[row] = "\t".join(fields) + raw[len(line):]
 
 
 def normalise_word(word: str) -> str:
