@@ -222,6 +222,8 @@ def train_parse_command(
                                           "(Chen & Manning)."),
     dropout: float = typer.Option(_parse_default("dropout"), help="Dropout on the hidden layer's output."),
     l2: float = typer.Option(_parse_default("l2"), help="L2 weight on the embeddings and the output layer."),
+    word_dropout: float = typer.Option(_parse_default("word_dropout"), help="alpha: a word feature seen c times in "
+                                       "train becomes UNK with probability alpha / (alpha + c); 0 disables."),
     epochs: int = typer.Option(_parse_default("epochs"), help="Passes over the training transitions."),
     batch_size: int = typer.Option(_parse_default("batch_size"), help="Transitions per update step (the meProp "
                                    "paper: 10,000)."),
@@ -266,6 +268,7 @@ def train_parse_command(
     with user_errors():
         settings = dict(
             method=method, k=k, hidden=hidden, dim=dim, activation=activation, dropout=dropout, l2=l2,
+            word_dropout=word_dropout,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
             tagset=tagset, chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
             nonzero_hits=nonzero_hits, compare_same_size=compare_same_size, seed=seed, device=device,

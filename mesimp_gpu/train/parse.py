@@ -27,14 +27,14 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from mesimp_gpu.data.conllu import Sentence, TagSet
+from mesimp_gpu.data.conllu import Sentence, TagSet, word_dropout
 from mesimp_gpu.io import write_json
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.models.parser import Activation, Parser, ParserShape, save_parser
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.parsing.decode import parse_sentences
-from mesimp_gpu.parsing.features import ParserVocab, training_examples
+from mesimp_gpu.parsing.features import N_WORD_FEATURES, ParserVocab, training_examples
 from mesimp_gpu.parsing.scoring import ParseScores, attachment_scores
 from mesimp_gpu.plots import plot_simplification
 from mesimp_gpu.train.records import PHASES
@@ -57,6 +57,7 @@ class ParseConfig:
     activation: Activation = Activation.RELU  # relu or cube (Chen & Manning)
     dropout: float = 0.5  # on the hidden layer's output (Chen & Manning)
     l2: float = 1e-8  # L2 on the embeddings and the output layer (Chen & Manning)
+    word_dropout: float = 0.25  # alpha: a word feature of train count c becomes UNK with probability alpha / (alpha + c)
     epochs: int = 2  # passes over the training transitions
     batch_size: int = 1000  # transitions per update (the meProp paper: 10,000)
     optimizer: OptimizerName = OptimizerName.ADAM
@@ -90,6 +91,8 @@ class ParseConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.l2 >= 0.0:
             raise ValueError(f"--l2 must be >= 0, got {self.l2}")
+        if not self.word_dropout >= 0.0:
+            raise ValueError(f"--word-dropout must be >= 0, got {self.word_dropout}")
         if self.compare_same_size and self.method is not Method.MESIMP:
             raise ValueError("--compare-same-size needs --method mesimp (it compares with the simplified size)")
         if self.method is not Method.DENSE and self.k > self.hidden:
@@ -157,6 +160,7 @@ class ParseTrainer(Trainer):
         if len(self.transitions) == 0:
             raise ValueError(f"{self.sources['train']}: no projective training tree, nothing to train on")
         self.unseen_labels = {split: self.count_unseen_labels(splits[split]) for split in ("dev", "test")}
+        self.word_counts = self.vocab.word_counts().to(self.device)
         self.start()
 
     def count_unseen_labels(self, sentences: list[Sentence]) -> int:
@@ -194,8 +198,11 @@ class ParseTrainer(Trainer):
         return -(-len(piece) // self.config.batch_size)
 
     def batch_loss(self, batch: Tensor) -> Tensor:
-        """Mean cross-entropy of the transitions ``batch`` (indices) plus the L2 term on the dense parts."""
-        logits = self.model(self.features[batch])
+        """Mean cross-entropy of the transitions ``batch`` (indices), with word dropout on the word features,
+        plus the L2 term on the dense parts."""
+        features = self.features[batch]  # (B, 48)
+        words = word_dropout(features[:, :N_WORD_FEATURES], self.word_counts, self.config.word_dropout)
+        logits = self.model(torch.cat([words, features[:, N_WORD_FEATURES:]], dim=1))
         loss = nn.functional.cross_entropy(logits, self.transitions[batch])
         if self.config.l2:
             loss = loss + 0.5 * self.config.l2 * sum(p.pow(2).sum() for p in self.model.dense_parameters())
