@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mesimp_gpu.cli import app
 from mesimp_gpu.data.conllu import check_tree, read_conllu
 from mesimp_gpu.models.parser import load_parser
-from mesimp_gpu.train.inference import ParseFileConfig, evaluate_parser, parse_file
+from mesimp_gpu.train.inference import ApplyConfig, evaluate_parser, parse_file
 from mesimp_gpu.train.parse import ParseConfig, Preset, parse_config, train_parse
 from mesimp_gpu.train.settings import Method
 
@@ -91,7 +91,7 @@ def test_dense_and_meprop_train_and_compare_same_size(treebank, tmp_path: Path) 
 def test_parse_writes_trees_into_a_copy_of_the_input(treebank, tmp_path: Path) -> None:
     train_parse(tiny(treebank, tmp_path / "run", method=Method.DENSE, epochs=1))
     output = tmp_path / "parsed.conllu"
-    stats = parse_file(ParseFileConfig(str(tmp_path / "run"), str(treebank["test"]), str(output)))
+    stats = parse_file(ApplyConfig(str(tmp_path / "run"), str(treebank["test"]), str(output)))
     assert stats["sentences"] == 60 and stats["sentences_per_second"] > 0
     before, after = read_conllu(treebank["test"]), read_conllu(output, require_trees=True)
     assert [s.words for s in after] == [s.words for s in before]

@@ -108,3 +108,46 @@ def test_cli_runs_and_reports_bad_input(treebank: Path, tmp_path: Path) -> None:
     (treebank / "toy-ud-dev.conllu").write_text("1\tbroken line\n")
     broken = runner.invoke(app, [*common, "--data-dir", str(treebank), "--out", str(tmp_path / "y")])
     assert broken.exit_code == 2 and "toy-ud-dev.conllu:1" in broken.output
+
+
+def test_saved_tagger_scores_as_in_training_and_tags_a_copy(treebank: Path, tmp_path: Path) -> None:
+    from mesimp_gpu.models.tagger import load_tagger
+    from mesimp_gpu.train.inference import ApplyConfig, evaluate_tagger, tag_file
+
+    run = tmp_path / "run"
+    results = train_pos(small_config(treebank, run, method=Method.MESIMP, hidden=16, epochs=2, prune=0.3,
+                                     bidirectional=True))
+    final = results["final"]
+    model, _ = load_tagger(run)
+    best = next(h for h in results["history"] if h["step"] == final["best_step"])
+    assert model.hidden_sizes == best["sizes"][1:-1], "the saved tagger is the one at the best dev score"
+    dev = treebank / "toy-ud-dev.conllu"
+    assert evaluate_tagger(str(run), str(dev), "cpu")["accuracy"] == pytest.approx(final["best_dev_acc"])
+    # unknown words, characters and tags never crash tagging; only the XPOS column changes
+    source = tmp_path / "new.conllu"
+    source.write_text("# text = Zyzzyva ŋ€ runs\n1\tZyzzyva\t_\t_\t_\t_\t_\t_\t_\t_\n"
+                      "2\tŋ€\t_\t_\t??\t_\t_\t_\t_\tSpaceAfter=No\n3\truns\t_\t_\t_\t_\t_\t_\t_\t_\n\n")
+    out = tmp_path / "tagged.conllu"
+    stats = tag_file(ApplyConfig(str(run), str(source), str(out)))
+    assert stats["tokens"] == 3 and stats["column"] == "XPOS"
+    for a, b in zip(source.read_text().splitlines(), out.read_text().splitlines()):
+        if "\t" not in a:
+            assert a == b
+            continue
+        changed = [i for i, (x, y) in enumerate(zip(a.split("\t"), b.split("\t"))) if x != y]
+        assert set(changed) <= {4}
+        assert b.split("\t")[4] in {"DT", "NN", "VBZ", "JJ", ".", "CD"}
+
+
+def test_tag_and_evaluate_commands(treebank: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train_pos(small_config(treebank, run, epochs=1))
+    runner = CliRunner()
+    tagged = runner.invoke(app, ["tag", str(run), str(treebank / "toy-ud-test.conllu"), "-o", str(tmp_path / "t.conllu")])
+    assert tagged.exit_code == 0 and "tokens/s" in tagged.output
+    scored = runner.invoke(app, ["evaluate", str(run), "--data", str(treebank / "toy-ud-test.conllu")])
+    assert scored.exit_code == 0 and "XPOS accuracy" in scored.output
+    empty = tmp_path / "empty.conllu"
+    empty.write_text("")
+    result = runner.invoke(app, ["tag", str(run), str(empty), "-o", str(tmp_path / "e.conllu")])
+    assert result.exit_code == 2 and "no sentences" in result.output

@@ -9,13 +9,14 @@ import typer
 
 from mesimp_gpu.cli.bench import bench_command
 from mesimp_gpu.cli.evaluate import evaluate_command
-from mesimp_gpu.cli.inference import parse_command
+from mesimp_gpu.cli.inference import parse_command, tag_command
 from mesimp_gpu.cli.train import train_app
 
 app = typer.Typer(help="meProp (sparsified back propagation) and meSimp (model simplification).",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(train_app, name="train")
 app.command("evaluate")(evaluate_command)
+app.command("tag")(tag_command)
 app.command("parse")(parse_command)
 app.command("bench")(bench_command)
 

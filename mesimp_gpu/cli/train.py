@@ -233,6 +233,8 @@ def train_parse_command(
     lazy: bool = typer.Option(_parse_default("lazy"), help="Update only the hidden weight rows that meProp touched "
                               "in the step; other parameters get the full update."),
     tagset: TagSet = typer.Option(_parse_default("tagset"), help="Input tags: xpos (Penn Treebank in EWT) or upos."),
+    tagger: Optional[Path] = typer.Option(None, help="A `train pos` run folder: dev and test are parsed on the tags it "
+                                          "predicts (train keeps gold tags); default: gold tags everywhere."),
     chunks: int = typer.Option(_parse_default("chunks"), help="Dev evaluations (and meSimp prune steps) per epoch."),
     prune: float = prune_option(_parse_default("prune")),
     cycle: int = cycle_option(_parse_default("cycle")),
@@ -270,7 +272,7 @@ def train_parse_command(
             method=method, k=k, hidden=hidden, dim=dim, activation=activation, dropout=dropout, l2=l2,
             word_dropout=word_dropout,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
-            tagset=tagset, chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
+            tagset=tagset, tagger=text(tagger), chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
             nonzero_hits=nonzero_hits, compare_same_size=compare_same_size, seed=seed, device=device,
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
             dev_file=text(dev_file), test_file=text(test_file), out=str(out), limit=limit, progress=progress,

@@ -8,12 +8,21 @@ paper), fed to a :class:`~mesimp_gpu.lstm.MePropLSTM` (hidden 500), whose output
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from mesimp_gpu.data.conllu import IGNORE_TAG, PAD_ID, Batch
+from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.lstm import GateSelection, HitCounting, MePropLSTM
-from mesimp_gpu.meprop import MePropConfig
+from mesimp_gpu.meprop import MePropConfig, MePropMode
+
+#: ``format`` tag of the architecture JSON written by :func:`save_tagger`
+TAGGER_FORMAT = "mesimp-gpu/tagger-v1"
 
 
 class Tagger(nn.Module):
@@ -34,6 +43,10 @@ class Tagger(nn.Module):
         track_hits: bool = False,
     ) -> None:
         super().__init__()
+        #: the constructor's sizes and choices (not the config), enough to rebuild the tagger
+        self.build = dict(vocab_size=vocab_size, feature_sizes=list(feature_sizes), tag_count=tag_count, hidden=hidden,
+                          word_dim=word_dim, feature_dim=feature_dim, bidirectional=bidirectional,
+                          selection=GateSelection(selection).value, counting=HitCounting(counting).value)
         if vocab_size < 2 or tag_count < 1 or any(n < 2 for n in feature_sizes):
             raise ValueError(
                 f"vocabularies too small: words {vocab_size}, features {feature_sizes}, tags {tag_count}"
@@ -64,3 +77,66 @@ class Tagger(nn.Module):
     def mesimp_prune_(self, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:
         """Prune the LSTM's rarely selected units (and the output layer's columns); return kept sizes."""
         return self.lstm.mesimp_prune_(threshold, self.output, optimizer)
+
+    @property
+    def hidden_sizes(self) -> list[int]:
+        """Hidden units per LSTM direction (they shrink under meSimp)."""
+        return [d.hidden_size for d in self.lstm.directions]
+
+    def shrink_to_(self, hidden_sizes: list[int]) -> None:
+        """Cut each direction to its first ``hidden_sizes[d]`` units (to load a pruned model's weights over it)."""
+        keeps = [torch.arange(d.hidden_size) < n for d, n in zip(self.lstm.directions, hidden_sizes)]
+        self.lstm.prune_units_(keeps, self.output)
+
+
+def save_tagger(model: Tagger, vocab_state: dict[str, Any], directory: str | Path) -> Path:
+    """Write ``model.json`` (sizes at their current, possibly pruned, values, meProp settings, vocabularies)
+    and ``model.pt`` (parameters) into ``directory``; returns the JSON path."""
+    directory = Path(directory)
+    config = model.lstm.config
+    arch = {
+        "format": TAGGER_FORMAT,
+        "build": model.build,
+        "hidden_sizes": model.hidden_sizes,
+        "meprop": {**asdict(config), "mode": config.mode.value},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": vocab_state,
+        "weights": "model.pt",
+    }
+    save_torch(directory / arch["weights"], {name: p.detach().cpu() for name, p in model.named_parameters()})
+    write_json(directory / "model.json", arch)
+    return directory / "model.json"
+
+
+def load_tagger(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tagger, dict[str, Any]]:
+    """Load what :func:`save_tagger` wrote (``path``: the ``model.json`` or its folder) -> (tagger, vocab state).
+
+    FileNotFoundError or ValueError, naming the file, when it is missing, unreadable or not a tagger.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model at {path}: expected the model.json written by `mesimp-gpu train pos`")
+    try:
+        arch = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(arch, dict) or arch.get("format") != TAGGER_FORMAT:
+        raise ValueError(f"{path} is not a tagger model (format {TAGGER_FORMAT!r} expected); "
+                         "was it written by `mesimp-gpu train pos`?")
+    try:
+        settings = dict(arch["meprop"])
+        model = Tagger(config=MePropConfig(**{**settings, "mode": MePropMode(settings["mode"])}), **arch["build"])
+        model.shrink_to_(arch["hidden_sizes"])
+        vocab = arch["vocab"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} does not describe a tagger ({exc!r})") from exc
+    weights = path.parent / arch["weights"]
+    if not weights.is_file():
+        raise FileNotFoundError(f"no weights at {weights} (named by {path})")
+    try:
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or mismatched file
+        raise ValueError(f"weights {weights} are unreadable or do not fit the architecture in {path} ({exc})") from exc
+    return model.to(device).eval(), vocab

@@ -46,6 +46,11 @@ class ParseScores:
     conll18: AttachmentScores
     ptb: AttachmentScores
 
+    def headline(self) -> dict[str, float]:
+        """The four numbers results report: UAS/LAS over all words and without punctuation."""
+        return {"uas": self.conll18.uas, "las": self.conll18.las, "uas_no_punct": self.ptb.uas,
+                "las_no_punct": self.ptb.las}
+
 
 def universal_relation(deprel: str) -> str:
     """The universal part of a UD relation: ``nsubj:pass`` -> ``nsubj``."""

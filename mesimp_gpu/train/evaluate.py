@@ -1,7 +1,7 @@
 """``mesimp-gpu evaluate``: score a saved model of a training run on held-out data.
 
 The kind of model comes from the ``format`` of its ``model.json``: an MNIST MLP is scored on the MNIST
-test images, a parser on the gold trees of a CoNLL-U file.
+test images, a tagger on the gold tags and a parser on the gold trees of a CoNLL-U file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Any
 from mesimp_gpu.data.mnist import load_mnist
 from mesimp_gpu.models.mlp import MLP_FORMAT, load_mlp
 from mesimp_gpu.models.parser import PARSER_FORMAT
-from mesimp_gpu.train.inference import evaluate_parser
+from mesimp_gpu.models.tagger import TAGGER_FORMAT
+from mesimp_gpu.train.inference import evaluate_parser, evaluate_tagger
 from mesimp_gpu.train.records import accuracy
 from mesimp_gpu.train.settings import resolve_device
 
@@ -24,7 +25,7 @@ class EvaluateConfig:
     """Every setting of ``mesimp-gpu evaluate``; the CLI options mirror these fields."""
 
     model: str  # a model.json written by a training run, or its folder
-    data: str | None = None  # CoNLL-U file with gold trees (parser models)
+    data: str | None = None  # CoNLL-U file with gold tags (tagger models) or trees (parser models)
     data_dir: str | None = None  # MNIST folder (MNIST models); default: MESIMP_DATA_DIR, cache, download
     device: str = "cpu"  # cpu, cuda or cuda:N
 
@@ -64,8 +65,10 @@ def evaluate(config: EvaluateConfig) -> tuple[str, dict[str, Any]]:
     kind = model_format(config.model)
     if kind == MLP_FORMAT:
         return kind, evaluate_mnist(config)
-    if kind == PARSER_FORMAT:
+    if kind in (PARSER_FORMAT, TAGGER_FORMAT):
         if config.data is None:
-            raise ValueError("a parser is scored on a CoNLL-U file with gold trees: pass --data FILE.conllu")
-        return kind, evaluate_parser(config.model, config.data, config.device)
+            raise ValueError("a tagger or parser is scored on a CoNLL-U file with gold annotations: pass --data "
+                             "FILE.conllu")
+        score = evaluate_parser if kind == PARSER_FORMAT else evaluate_tagger
+        return kind, score(config.model, config.data, config.device)
     raise ValueError(f"{config.model}: models of format {kind!r} cannot be evaluated by this version")

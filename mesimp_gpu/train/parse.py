@@ -37,14 +37,11 @@ from mesimp_gpu.parsing.decode import parse_sentences
 from mesimp_gpu.parsing.features import N_WORD_FEATURES, ParserVocab, training_examples
 from mesimp_gpu.parsing.scoring import ParseScores, attachment_scores
 from mesimp_gpu.plots import plot_simplification
+from mesimp_gpu.train.inference import DECODE_BATCH, LoadedTagger
 from mesimp_gpu.train.records import PHASES
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
 from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, load_splits
-
-#: sentences parsed together in evaluation (one scorer call per transition step for all of them)
-EVAL_BATCH = 1024
-
 
 @dataclass(frozen=True)
 class ParseConfig:
@@ -65,6 +62,7 @@ class ParseConfig:
     clip: Optional[float] = None  # element-wise gradient clipping; None disables
     lazy: bool = False  # update only the hidden weight rows meProp touched (mesimp_gpu.lazy_optim)
     tagset: TagSet = TagSet.XPOS  # input tags: xpos (Penn Treebank in EWT) or upos
+    tagger: Optional[str] = None  # a `train pos` run folder: dev and test are parsed on its predicted tags
     chunks: int = 2  # dev evaluations (and meSimp prune steps) per epoch
     prune: float = 0.1  # meSimp: remove units with hits < floor(refer * prune), in [0, 1)
     cycle: int = 1  # meSimp: epochs per cycle; prune in even cycles, fixed in odd ones; 0: always prune
@@ -126,13 +124,7 @@ def parse_config(preset: Preset | None = None, **settings: Any) -> ParseConfig:
 
 #: settings that may differ between a run and its resumption
 RESUMABLE_CHANGES = frozenset({"epochs", "progress", "device", "backend", "threads", "data_dir", "train_file",
-                               "dev_file", "test_file", "out", "compare_same_size"})
-
-
-def scores_record(scores: ParseScores) -> dict[str, float]:
-    """The four headline numbers of ``scores``: UAS/LAS over all words and without punctuation."""
-    return {"uas": scores.conll18.uas, "las": scores.conll18.las,
-            "uas_no_punct": scores.ptb.uas, "las_no_punct": scores.ptb.las}
+                               "dev_file", "test_file", "out", "compare_same_size", "tagger"})
 
 
 class ParseTrainer(Trainer):
@@ -150,6 +142,9 @@ class ParseTrainer(Trainer):
             self.sources = {s: str(p) for s, p in paths.items()}
         else:
             self.sources = {s: "<given>" for s in SPLITS}
+        self.tagging: dict[str, Any] = {}
+        if config.tagger is not None:
+            splits = self.predicted_tags(splits, config.tagger)
         self.sentences = splits
         self.vocab = ParserVocab.build(splits["train"], config.tagset)
         start = time.perf_counter()
@@ -162,6 +157,22 @@ class ParseTrainer(Trainer):
         self.unseen_labels = {split: self.count_unseen_labels(splits[split]) for split in ("dev", "test")}
         self.word_counts = self.vocab.word_counts().to(self.device)
         self.start()
+
+    def predicted_tags(self, splits: dict[str, list[Sentence]], tagger_dir: str) -> dict[str, list[Sentence]]:
+        """``splits`` with dev and test retagged by the saved tagger (train keeps its gold tags, which a tagger
+        trained on it reproduces almost exactly anyway); the tagger's accuracy goes into the results."""
+        tagger = LoadedTagger(tagger_dir, self.config.device)
+        if tagger.vocab.tagset is not self.config.tagset:
+            raise ValueError(f"--tagger {tagger_dir} predicts {tagger.vocab.tagset.value} tags but the parser reads "
+                             f"{self.config.tagset.value}; pass --tagset {tagger.vocab.tagset.value}")
+        retagged = dict(splits)
+        for split in ("dev", "test"):
+            retagged[split] = tagger.retag(splits[split])
+            gold = [t for s in splits[split] for t in s.tags(self.config.tagset)]
+            predicted = [t for s in retagged[split] for t in s.tags(self.config.tagset)]
+            self.tagging[split] = 100.0 * sum(p == g for p, g in zip(predicted, gold)) / len(gold)
+        self.tagging["tagger"] = tagger_dir
+        return retagged
 
     def count_unseen_labels(self, sentences: list[Sentence]) -> int:
         """Words whose gold DEPREL never occurs in train (scored as errors in LAS, never crash)."""
@@ -223,7 +234,7 @@ class ParseTrainer(Trainer):
         """Greedy parses of ``sentences`` with the current model (evaluation mode)."""
         self.model.eval()
         try:
-            return parse_sentences(sentences, self.vocab, lambda f: self.model(f.to(self.device)), EVAL_BATCH)
+            return parse_sentences(sentences, self.vocab, lambda f: self.model(f.to(self.device)), DECODE_BATCH)
         finally:
             self.model.train()
 
@@ -233,11 +244,11 @@ class ParseTrainer(Trainer):
 
     def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Parse dev (and test when dev improved); the history record carries every score."""
-        dev = scores_record(self.scores("dev"))
+        dev = self.scores("dev").headline()
         test: dict[str, float] = {}
 
         def score_test() -> float:
-            test.update(scores_record(self.scores("test")))
+            test.update(self.scores("test").headline())
             return test["uas"]
 
         entry = self.record(epoch, chunk, loss, dev["uas"], score_test, {**extra, "dev": dev})
@@ -261,7 +272,8 @@ class ParseTrainer(Trainer):
                                "words": sum(len(x.words) for x in self.sentences[s])} for s in SPLITS} | {
             "train_transitions": len(self.transitions), "train_non_projective_skipped": self.non_projective,
             "oracle_seconds": self.oracle_seconds, "unseen_labels": self.unseen_labels,
-            "words": len(self.vocab.words), "tags": len(self.vocab.tags), "labels": len(self.vocab.system.labels)}
+            "words": len(self.vocab.words), "tags": len(self.vocab.tags), "labels": len(self.vocab.system.labels),
+            "predicted_tags": self.tagging or None}
         at_best = next((r for r in self.history if r["step"] == self.best.best_step), None)
         results["final"].update({
             "dev_at_best": at_best["dev"] if at_best else None,
@@ -273,7 +285,7 @@ class ParseTrainer(Trainer):
         })
         if final:
             # the network at the end may be smaller than the one at the best dev: score it too
-            results["final"]["test_final_network"] = scores_record(self.scores("test"))
+            results["final"]["test_final_network"] = self.scores("test").headline()
         return results
 
 

@@ -39,7 +39,7 @@ from mesimp_gpu.data.conllu import (
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.mesimp import MomentReset
-from mesimp_gpu.models.tagger import Tagger
+from mesimp_gpu.models.tagger import Tagger, save_tagger
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
@@ -142,8 +142,7 @@ class PosTrainer(Trainer):
         )
         if hidden_sizes is not None:
             # shrink to the saved sizes; which units are kept does not matter, load_state_dict overwrites them
-            keeps = [torch.arange(c.hidden) < n for n in hidden_sizes]
-            model.lstm.prune_units_(keeps, model.output)
+            model.shrink_to_(hidden_sizes)
         return model.to(self.device)
 
     @property
@@ -206,6 +205,9 @@ class PosTrainer(Trainer):
     def evaluate(self, epoch: int, chunk: int, loss: float, extra: dict[str, Any]) -> dict[str, Any]:
         """Score dev (and test when dev improved); append and return the history record."""
         return self.record(epoch, chunk, loss, self.accuracy("dev"), lambda: self.accuracy("test"), extra)
+
+    def on_best(self) -> None:
+        save_tagger(self.model, self.vocab.state_dict(), self.out)  # the reported model: the one at the best dev
 
     def results(self, final: bool = False) -> dict[str, Any]:
         """The results document: the shared core plus where the data came from and its size."""
