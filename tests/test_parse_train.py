@@ -142,6 +142,17 @@ def test_cli_errors_are_one_line(treebank, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "has none" in result.output and not (tmp_path / "x.conllu").exists()
     no_data = runner.invoke(app, ["evaluate", str(tmp_path / "run")])
     assert no_data.exit_code == 2 and "--data" in no_data.output
+    # a broken tree in dev: one line naming file and line, no run folder written
+    lines = treebank["dev"].read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("1\t"))
+    cols = lines[first].split("\t")
+    lines[first] = "\t".join(cols[:6] + ["1"] + cols[7:])  # word 1 is its own head
+    broken = tmp_path / "broken-dev.conllu"
+    broken.write_text("\n".join(lines) + "\n")
+    result = runner.invoke(app, ["train", "parse", "--train-file", str(treebank["train"]), "--dev-file", str(broken),
+                                 "--test-file", str(treebank["test"]), "--out", str(tmp_path / "never")])
+    assert result.exit_code == 2 and f"{broken}:{first + 1}" in result.output, result.output
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_train_parse_runs_and_prints_scores(treebank, tmp_path: Path) -> None:

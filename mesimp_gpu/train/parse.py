@@ -138,7 +138,7 @@ class ParseTrainer(Trainer):
     ) -> None:
         super().__init__(config, hooks)
         if splits is None:
-            splits, paths = load_splits(config)
+            splits, paths = load_splits(config, require_trees=True)
             self.sources = {s: str(p) for s, p in paths.items()}
         else:
             self.sources = {s: "<given>" for s in SPLITS}
