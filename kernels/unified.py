@@ -1,21 +1,18 @@
-"""Unified meProp: one column set for the whole minibatch, then two reduced dense products.
+"""Unified meProp's column scores ``s_j = sum_b |G[b, j]|`` for ``G`` ``[B, out]``.
 
-Maths, with ``G`` ``[B, out]``, ``x`` ``[B, in]``, ``W`` ``[out, in]``:
+Unified meProp keeps one column set for the whole minibatch: the top-k of ``s`` under the shared
+selection rule (the one-row case of :func:`mesimp_gpu.kernels.topk.topk_select`), then two reduced
+dense products ``dx = G[:, cols] @ W[cols]`` and ``dW[cols] = G[:, cols]^T @ x``, which
+:meth:`mesimp_gpu.backends.base.Backend.unified_backward` runs as cuBLAS GEMMs through torch: for
+these shapes cuBLAS runs at or near peak with tensor cores and is deterministic, whereas a Triton
+``tl.dot`` kernel fusing the gather would at best match it and add autotuning to maintain. Only the
+score reduction and the selection, which torch would do in several passes with an unspecified tie
+order, are Triton kernels.
 
-1. Column scores ``s_j = sum_b |G[b, j]|`` (float32 accumulation, rows summed in ascending order by
-   one program per column block: deterministic, no atomics).
-2. ``cols`` = the top-k of ``s`` with the shared selection rule (the one-row case of
-   :func:`mesimp_gpu.kernels.topk.topk_select`), ascending.
-3. ``dx = G[:, cols] @ W[cols]`` (``[B, k] @ [k, in]``) and ``dW[cols] = G[:, cols]^T @ x``
-   (``[k, B] @ [B, in]``); all other rows of ``dW`` are zero.
+The scores accumulate in float32, the rows summed in ascending order by one program per column
+block: deterministic, no atomics.
 
-The two products in step 3 are small dense GEMMs on gathered operands. They go to cuBLAS through
-torch (``index_select`` + ``mm``): for these shapes cuBLAS runs at or near peak with tensor cores and
-is deterministic, whereas a Triton ``tl.dot`` kernel fusing the gather would at best match it and add
-autotuning to maintain. Only the score reduction and the selection, which torch would do in several
-passes with an unspecified tie order, are Triton kernels.
-
-Pointers of the score kernel: ``g_ptr`` ``[B, out]`` (contiguous), ``scores_ptr`` ``[out]`` float32.
+Pointers: ``g_ptr`` ``[B, out]`` (contiguous), ``scores_ptr`` ``[out]`` float32.
 Grid: ``(ceil(out / BLOCK_N),)``.
 """
 
@@ -27,7 +24,6 @@ import triton.language as tl
 from torch import Tensor
 
 from mesimp_gpu.kernels.gather import output_buffer
-from mesimp_gpu.kernels.topk import topk_select
 
 
 @triton.jit
@@ -56,20 +52,3 @@ def column_scores(g: Tensor, out: Tensor | None = None) -> Tensor:
         g, scores, batch, n, BLOCK_B=min(32, triton.next_power_of_2(max(batch, 1))), BLOCK_N=block_n
     )
     return scores
-
-
-def unified_backward(g: Tensor, x: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Unified meProp -> ``(dx [B, in], dW [out, in], cols [k] int64 ascending)``; see the module docstring."""
-    if x.dim() != 2 or weight.dim() != 2 or g.shape[0] != x.shape[0] or weight.shape != (g.shape[1], x.shape[1]):
-        raise ValueError(
-            "expected g [B, out], x [B, in], weight [out, in]; "
-            f"got {tuple(g.shape)}, {tuple(x.shape)}, {tuple(weight.shape)}"
-        )
-    scores = column_scores(g)
-    _, cols = topk_select(scores.unsqueeze(0), k)
-    cols = cols[0]
-    g_s = g.index_select(1, cols)  # (B, k)
-    dx = g_s @ weight.index_select(0, cols)  # (B, in)
-    dw = torch.zeros_like(weight)
-    dw.index_copy_(0, cols, g_s.t() @ x)  # (k, in) into the selected rows
-    return dx, dw, cols

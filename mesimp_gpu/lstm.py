@@ -18,9 +18,12 @@ registry's :class:`~mesimp_gpu.backends.Backend`, the same selection and sparse 
 :class:`~mesimp_gpu.meprop.MePropLinear`, so a faster backend speeds up the LSTM too. Why ``dW_h`` is
 not accumulated per step: ``sparse_backward`` returns a dense ``[4H, H]`` ``dW``, and writing plus
 adding one per step costs ``O(4H * H)`` per step whatever ``k`` is; one call over all steps keeps the
-backward cost proportional to ``k``. (That call's ``dx`` output repeats the in-loop products and is
-dropped: ``O(T B k H)`` extra work, which a dx-free launcher in the backend contract would save.)
+backward cost proportional to ``k``. That call asks for no ``dx`` (``need_dx=False``): its ``dx`` would
+repeat the in-loop products ``dh_{t-1}``.
 The bias gradient is dense (``sum`` of ``dz``) unless the config asks for ``sparse_bias``.
+
+Lazy optimizers: the backward pass marks the rows of ``W_x`` and ``W_h`` that the kept entries of all
+steps touched (:mod:`mesimp_gpu.touched_rows`; every row in dense mode), as the linear layer does.
 
 Which entries are kept (:class:`GateSelection`):
 
@@ -59,7 +62,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mesimp_gpu.backends import Backend, get_backend
+from mesimp_gpu import touched_rows
+from mesimp_gpu.backends import Backend, BackendCache
 from mesimp_gpu.backends.base import check_finite
 from mesimp_gpu.meprop import MePropConfig, MePropMode, kept_bias_grad, random_indices
 from mesimp_gpu.mesimp import check_threshold, prune_mask
@@ -238,16 +242,23 @@ class MePropLSTMFunction(torch.autograd.Function):
         dz_flat = dz_all.view(steps * batch, GATES * hidden)
         x_flat = x.reshape(steps * batch, -1)
         h_prev_flat = h_prev_all.view(steps * batch, hidden)
+        need_dx = ctx.needs_input_grad[0]
         if dense:
-            dx, d_weight_ih = dz_flat @ weight_ih, dz_flat.t() @ x_flat
+            idx_flat = None  # every row of both weights
+            dx = dz_flat @ weight_ih if need_dx else None
+            d_weight_ih = dz_flat.t() @ x_flat
             d_weight_hh = dz_flat.t() @ h_prev_flat
             d_bias = dz_flat.sum(dim=0)
         else:
             idx_flat = idx_all.view(steps * batch, kept)
-            dx, d_weight_ih = backend.sparse_backward(dz_flat, idx_flat, x_flat, weight_ih)
-            _, d_weight_hh = backend.sparse_backward(dz_flat, idx_flat, h_prev_flat, weight_hh)
+            dx, d_weight_ih = backend.sparse_backward(dz_flat, idx_flat, x_flat, weight_ih, need_dx)
+            _, d_weight_hh = backend.sparse_backward(dz_flat, idx_flat, h_prev_flat, weight_hh, need_dx=False)
             d_bias = kept_bias_grad(dz_flat, idx_flat) if config.sparse_bias else dz_flat.sum(dim=0)
-        return dx.view_as(x), None, d_weight_ih, d_weight_hh, d_bias, None, None, None, None, None, None
+        for weight, needed in ((weight_ih, ctx.needs_input_grad[2]), (weight_hh, ctx.needs_input_grad[3])):
+            if needed:
+                touched_rows.mark(weight, idx_flat)
+        dx = dx.view_as(x) if dx is not None else None
+        return dx, None, d_weight_ih, d_weight_hh, d_bias, None, None, None, None, None, None
 
 
 class MePropLSTMDirection(nn.Module):
@@ -318,6 +329,7 @@ class MePropLSTM(nn.Module):
             MePropLSTMDirection(input_size, hidden_size, reverse, track_hits)
             for reverse in ((False, True) if bidirectional else (False,))
         )
+        self._backends = BackendCache()  # config.backend per input device, resolved once
 
     @property
     def output_size(self) -> int:
@@ -339,7 +351,7 @@ class MePropLSTM(nn.Module):
             raise ValueError(f"mask must be [batch, time] = {(batch, steps)}, got {tuple(mask.shape)}")
         x_tm = x.transpose(0, 1).contiguous()  # (T, B, I)
         mask_tm = mask.to(torch.bool).t().contiguous()  # (T, B)
-        backend = get_backend(self.config.backend, x.device)
+        backend = self._backends.resolve(self.config.backend, x.device)
         recording = self.training and torch.is_grad_enabled()
         outputs = []
         for d in self.directions:

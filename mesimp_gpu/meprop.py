@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mesimp_gpu.backends import Backend, get_backend
-from mesimp_gpu.backends.base import bincount_hits, check_finite, masked_gradient
-from mesimp_gpu.lazy_optim import mark_touched_rows
+from mesimp_gpu import touched_rows
+from mesimp_gpu.backends import Backend, BackendCache
+from mesimp_gpu.backends.base import bincount_hits, masked_gradient
 
 
 class MePropMode(str, enum.Enum):
@@ -102,8 +102,7 @@ class MePropFunction(torch.autograd.Function):
                 all_hits += batch  # every column is in every example's set
             dx, dw = g.mm(weight) if need_dx else None, g.t().mm(x)
         elif config.mode is MePropMode.UNIFIED:
-            check_finite(g)
-            dx, dw, cols = ctx.backend.unified_backward(g, x, weight, config.k)
+            dx, dw, cols = ctx.backend.unified_backward(g, x, weight, config.k, need_dx)
             if all_hits is not None:
                 all_hits[cols] += batch
             idx = cols.expand(batch, cols.numel())
@@ -116,14 +115,14 @@ class MePropFunction(torch.autograd.Function):
                 idx = random_indices(batch, width, config.k, g.device)
                 if all_hits is not None:
                     bincount_hits(all_hits, idx)
-                dx, dw = ctx.backend.sparse_backward(g, idx, x, weight)
+                dx, dw = ctx.backend.sparse_backward(g, idx, x, weight, need_dx)
             if db is not None and config.sparse_bias:
                 db = kept_bias_grad(g, idx)
         if ctx.hits is not None and config.nonzero_hits:
             every = torch.arange(width, device=g.device).expand(batch, width)
             count_nonzero_hits(ctx.hits, g, every if idx is None else idx)
-        if ctx.needs_input_grad[1]:  # rows of dW that can be non-zero, for the lazy optimizers
-            mark_touched_rows(weight, idx)
+        if ctx.needs_input_grad[1]:  # rows of dW that can be non-zero, for a lazy optimizer that armed a record
+            touched_rows.mark(weight, idx)
         return dx if need_dx else None, dw, db, None, None, None
 
 
@@ -135,7 +134,8 @@ class MePropLinear(nn.Module):
     With ``track_hits`` the layer keeps ``hits`` (``[out]`` int64, how often each output neuron was
     selected) and ``refer`` (examples seen) for meSimp; both count only during training. Every kept
     index is a hit, zeros included (the reference); ``config.nonzero_hits`` counts only kept entries
-    with a non-zero gradient.
+    with a non-zero gradient. The backend ``config.backend`` names is resolved once per input device
+    and kept (assigning a new ``config`` with another backend resolves again).
     """
 
     def __init__(
@@ -155,6 +155,7 @@ class MePropLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("hits", torch.zeros(out_features, dtype=torch.long) if track_hits else None)
         self.refer = 0
+        self._backends = BackendCache()  # config.backend per input device, resolved once
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -175,7 +176,7 @@ class MePropLinear(nn.Module):
         recording = self.hits is not None and self.training and torch.is_grad_enabled()
         if recording:
             self.refer += x2.shape[0]
-        backend = get_backend(self.config.backend, x.device)
+        backend = self._backends.resolve(self.config.backend, x.device)
         y = MePropFunction.apply(x2, self.weight, self.bias, self.config, backend, self.hits if recording else None)
         return y.reshape(*lead, self.out_features)
 

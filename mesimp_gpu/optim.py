@@ -26,13 +26,19 @@ ADAGRAD_EPS = 1e-6
 
 
 def build_optimizer(
-    name: OptimizerName, params: Iterable[nn.Parameter], lr: float, lazy: bool = False, clip: float | None = None
+    name: OptimizerName,
+    params: Iterable[nn.Parameter],
+    lr: float,
+    lazy: bool = False,
+    clip: float | None = None,
+    backend: str = "auto",
 ) -> torch.optim.Optimizer:
     """A fresh optimizer of kind ``name`` over ``params`` with the papers' hyper-parameters.
 
     ``lazy`` picks :class:`~mesimp_gpu.lazy_optim.LazyAdam`, ``LazyAdagrad`` or ``LazySGD``, which
-    update only the rows per-example meProp touched and clip the gradient themselves at ``clip``
-    (a dense optimizer leaves clipping to :func:`clip_elementwise`).
+    update only the rows per-example meProp touched, with the row launchers of ``backend`` (a registry
+    name; ``auto`` picks per device), and clip the gradient themselves at ``clip`` (a dense optimizer
+    leaves clipping to :func:`clip_elementwise`).
     """
     if lr <= 0:
         raise ValueError(f"learning rate must be positive, got {lr}")
@@ -41,10 +47,10 @@ def build_optimizer(
         from mesimp_gpu.lazy_optim import LazyAdagrad, LazyAdam, LazySGD  # lazy_optim imports the backends
 
         if name is OptimizerName.ADAM:
-            return LazyAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, clip_value=clip)
+            return LazyAdam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, clip_value=clip, backend=backend)
         if name is OptimizerName.ADAGRAD:
-            return LazyAdagrad(params, lr=lr, eps=ADAGRAD_EPS, clip_value=clip)
-        return LazySGD(params, lr=lr, clip_value=clip)
+            return LazyAdagrad(params, lr=lr, eps=ADAGRAD_EPS, clip_value=clip, backend=backend)
+        return LazySGD(params, lr=lr, clip_value=clip, backend=backend)
     if name is OptimizerName.ADAM:
         return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     if name is OptimizerName.ADAGRAD:

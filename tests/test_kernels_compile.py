@@ -40,23 +40,35 @@ _TOPK_SIG = {
     "k": "i32",
     "n_in": "i32",
 }
-_ROWS_SIG = {
+_DW_SIG = {
     "vals_ptr": "*fp32",
     "src_ptr": "*i64",
     "ptr_ptr": "*i64",
     "x_ptr": "*fp32",
-    "dst_ptr": "*fp32",
-    "m_ptr": "*fp32",
-    "v_ptr": "*fp32",
+    "dw_ptr": "*fp32",
     "n_in": "i32",
-    "lr": "fp32",
-    "beta1": "fp32",
-    "beta2": "fp32",
-    "eps": "fp32",
-    "step_size": "fp32",
-    "inv_sqrt_c2": "fp32",
-    "clip": "fp32",
 }
+_ROW_UPDATE_SIGS = {
+    "_sgd_rows_kernel": {
+        "p_ptr": "*fp32", "grad_ptr": "*fp32", "buf_ptr": "*fp32", "rows_ptr": "*i64", "width": "i32",
+        "n_blocks": "i32", "lr": "fp32", "momentum": "fp32", "clip": "fp32",
+    },
+    "_adam_rows_kernel": {
+        "p_ptr": "*fp32", "grad_ptr": "*fp32", "m_ptr": "*fp32", "v_ptr": "*fp32", "rows_ptr": "*i64", "width": "i32",
+        "n_blocks": "i32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "step_size": "fp32", "sqrt_c2": "fp32",
+        "clip": "fp32",
+    },
+    "_adagrad_rows_kernel": {
+        "p_ptr": "*fp32", "grad_ptr": "*fp32", "sum_ptr": "*fp32", "rows_ptr": "*i64", "width": "i32",
+        "n_blocks": "i32", "lr": "fp32", "eps": "fp32", "clip": "fp32",
+    },
+}
+
+
+def _bf16(signature: dict[str, str]) -> dict[str, str]:
+    """``signature`` with every float32 pointer a bfloat16 one (scalars stay float32)."""
+    return {name: "*bf16" if kind == "*fp32" else kind for name, kind in signature.items()}
+
 
 #: (case id, module, kernel, runtime signature, constexprs, num_warps): the specialisations launchers use
 CASES: list[tuple[str, str, str, dict[str, str], dict[str, Any], int]] = [
@@ -100,23 +112,46 @@ CASES: list[tuple[str, str, str, dict[str, str], dict[str, Any], int]] = [
         {"HAS_HITS": True, "FUSE_DX": True, "RESIDENT": False, "BLOCK_N": 2048, "BLOCK_K": 32, "BLOCK_IN": 128},
         4,
     ),
-    *[
-        (
-            f"rows_{mode}",
-            "rows",
-            "_meprop_rows_kernel",
-            _ROWS_SIG,
-            {"MODE": value, "CLIP": value == 2, "BLOCK_E": 16, "BLOCK_IN": 128},
-            4,
-        )
-        for mode, value in (("accumulate", 0), ("sgd", 1), ("adam", 2))
-    ],
+    ("meprop_dw", "rows", "_meprop_dw_kernel", _DW_SIG, {"BLOCK_E": 16, "BLOCK_IN": 128}, 4),
+    ("meprop_dw_bf16", "rows", "_meprop_dw_kernel", _bf16(_DW_SIG), {"BLOCK_E": 16, "BLOCK_IN": 128}, 4),
     (
-        "rows_accumulate_bf16",
-        "rows",
-        "_meprop_rows_kernel",
-        {**_ROWS_SIG, "vals_ptr": "*bf16", "x_ptr": "*bf16", "dst_ptr": "*bf16"},
-        {"MODE": 0, "CLIP": False, "BLOCK_E": 16, "BLOCK_IN": 128},
+        "sgd_rows_momentum_clip",
+        "row_updates",
+        "_sgd_rows_kernel",
+        _ROW_UPDATE_SIGS["_sgd_rows_kernel"],
+        {"HAS_ROWS": True, "MOMENTUM": True, "CLIP": True, "BLOCK": 1024},
+        4,
+    ),
+    (
+        "sgd_rows_dense",
+        "row_updates",
+        "_sgd_rows_kernel",
+        _ROW_UPDATE_SIGS["_sgd_rows_kernel"],
+        {"HAS_ROWS": False, "MOMENTUM": False, "CLIP": False, "BLOCK": 1024},
+        4,
+    ),
+    (
+        "adam_rows_clip",
+        "row_updates",
+        "_adam_rows_kernel",
+        _ROW_UPDATE_SIGS["_adam_rows_kernel"],
+        {"HAS_ROWS": True, "CLIP": True, "BLOCK": 1024},
+        4,
+    ),
+    (
+        "adam_rows_bf16",
+        "row_updates",
+        "_adam_rows_kernel",
+        _bf16(_ROW_UPDATE_SIGS["_adam_rows_kernel"]),
+        {"HAS_ROWS": True, "CLIP": False, "BLOCK": 1024},
+        4,
+    ),
+    (
+        "adagrad_rows_clip",
+        "row_updates",
+        "_adagrad_rows_kernel",
+        _ROW_UPDATE_SIGS["_adagrad_rows_kernel"],
+        {"HAS_ROWS": True, "CLIP": True, "BLOCK": 1024},
         4,
     ),
     (

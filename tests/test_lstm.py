@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+from mesimp_gpu import touched_rows
 from mesimp_gpu.backends import BackendUnavailable, load_backend
 from mesimp_gpu.backends.reference import topk_mask
+from mesimp_gpu.lazy_optim import LazyAdagrad, LazySGD
 from mesimp_gpu.lstm import GATES, GateSelection, HitCounting, MePropLSTM
 from mesimp_gpu.meprop import MePropConfig, MePropMode, random_indices
 
@@ -278,6 +279,69 @@ def test_sparse_gradient_differs_from_dense(seed: int) -> None:
         lstm(x, lengths=lengths).sum().backward()
         grads.append(lstm.directions[0].weight_hh.grad)
     assert not torch.allclose(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED, MePropMode.DENSE])
+def test_backward_records_the_touched_rows_of_both_weights(seed: int, mode: MePropMode) -> None:
+    """Every row of W_x and W_h with a non-zero gradient is recorded (all rows in dense mode); the bias is not."""
+    lstm = MePropLSTM(3, 6, MePropConfig(mode=mode, k=1, backend="torch"), bidirectional=True)
+    for p in lstm.parameters():
+        touched_rows.arm(p)
+    x, lengths = make_inputs(2, 4, 3)
+    lstm(x.float(), lengths=lengths).sum().backward()
+    for d in lstm.directions:
+        for weight in (d.weight_ih, d.weight_hh):
+            rows = touched_rows.take(weight)
+            if mode is MePropMode.DENSE:
+                assert rows is None
+            else:
+                nonzero = weight.grad.abs().sum(dim=1).nonzero().squeeze(1)
+                assert set(nonzero.tolist()) <= set(rows.tolist()) and len(rows) < GATES * 6
+        assert touched_rows.take(d.bias) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize(
+    ("lazy", "dense"),
+    [
+        (lambda ps: LazySGD(ps, lr=0.1, clip_value=1.0), lambda ps: torch.optim.SGD(ps, lr=0.1)),
+        (lambda ps: LazyAdagrad(ps, lr=0.1, eps=1e-6, clip_value=1.0),
+         lambda ps: torch.optim.Adagrad(ps, lr=0.1, eps=1e-6)),
+    ],
+    ids=["sgd", "adagrad"],
+)
+def test_lazy_optimizers_train_the_lstm_like_dense_ones(seed: int, backend: str, lazy, dense) -> None:
+    """SGD and AdaGrad do nothing to rows with zero gradient, so updating only the recorded rows is exact."""
+    try:
+        load_backend(backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    config = MePropConfig(mode=MePropMode.TOPK, k=2, backend=backend)
+    lstms = [MePropLSTM(3, 6, config, bidirectional=True).double() for _ in range(2)]
+    lstms[1].load_state_dict(lstms[0].state_dict())
+    opts = [lazy(lstms[0].parameters()), dense(lstms[1].parameters())]
+    for _ in range(3):
+        x, lengths = make_inputs(3, 4, 3)
+        for lstm, opt in zip(lstms, opts):
+            opt.zero_grad()
+            (lstm(x, lengths=lengths) ** 2).sum().backward()
+            if opt is opts[1]:
+                nn.utils.clip_grad_value_(lstm.parameters(), 1.0)
+            opt.step()
+    for a, b in zip(lstms[0].parameters(), lstms[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_input_without_gradient(seed: int) -> None:
+    """An input that needs no gradient (data fed straight in): the backward pass skips dx, weights still learn."""
+    lstm = MePropLSTM(3, 5, MePropConfig(mode=MePropMode.TOPK, k=2, backend="torch")).double()
+    x, lengths = make_inputs(2, 4, 3)
+    lstm(x, lengths=lengths).sum().backward()
+    reference = MePropLSTM(3, 5, MePropConfig(mode=MePropMode.TOPK, k=2, backend="torch")).double()
+    reference.load_state_dict(lstm.state_dict())
+    reference(x.clone().requires_grad_(True), lengths=lengths).sum().backward()
+    for a, b in zip(lstm.parameters(), reference.parameters()):
+        assert torch.equal(a.grad, b.grad)
 
 
 def masked_copy(lstm: MePropLSTM, head: nn.Linear, keeps: list[Tensor]) -> tuple[MePropLSTM, nn.Linear]:

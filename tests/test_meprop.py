@@ -8,6 +8,7 @@ import torch
 
 from mesimp_gpu.backends import REGISTRY, BackendUnavailable, InvalidGradientError, load_backend
 from mesimp_gpu.backends.reference import topk_mask
+from mesimp_gpu.backends.torch_backend import threshold_indices
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 
 BACKENDS = [name for name in REGISTRY if name != "reference"]
@@ -105,6 +106,56 @@ def test_selection_invariants(backend, k, seed) -> None:
     high_dropped = torch.where(kept, -torch.inf, a).max(dim=1).values
     assert bool((low_kept >= high_dropped).all()), "a dropped entry outranks a kept one"
     assert torch.equal(kept, topk_mask(g, k)), "tie order differs from the reference (lower index first)"
+
+
+def gradient_of_kind(rows: int, cols: int, kind: str) -> torch.Tensor:
+    """``random`` normal, ``ties`` small integers (ties and zeros), ``sparse`` mostly zero with an all-zero
+    row, ``tiny`` subnormals, signed zeros and +-x pairs (equal magnitudes)."""
+    if kind == "random":
+        return torch.randn(rows, cols)
+    if kind == "ties":
+        return torch.randint(-3, 4, (rows, cols)).float()
+    if kind == "sparse":
+        g = torch.randn(rows, cols) * (torch.rand(rows, cols) < 0.1)
+        g[0] = 0.0
+        return g
+    if kind == "tiny":
+        return torch.tensor([1e-40, -1e-40, 2e-45, -0.0, 0.0, 1e-38, -1e-38])[torch.randint(0, 7, (rows, cols))]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "tiny"])
+@pytest.mark.parametrize(
+    ("rows", "cols", "k"), [(1, 1, 1), (5, 37, 1), (5, 37, 7), (5, 37, 37), (16, 128, 20), (1, 100, 33)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tie_fill_with_a_supplied_threshold(seed, rows: int, cols: int, k: int, kind: str, dtype) -> None:
+    """The shared tie-fill given the k-th largest float32 magnitude, as the CuPy backend's kernel finds it
+    (on float32 magnitudes whatever the gradient's dtype): the reference's selection on those magnitudes."""
+    g = gradient_of_kind(rows, cols, kind).to(dtype)
+    a = g.float().abs()
+    kth = a.sort(dim=1, descending=True).values[:, k - 1 : k]  # (B, 1): the kernel's exact threshold
+    idx = threshold_indices(a, kth, k)
+    assert idx.dtype == torch.int64
+    assert torch.equal(idx, topk_mask(a, k).nonzero()[:, 1].reshape(rows, k))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_need_dx_false_skips_only_dx(backend, seed) -> None:
+    """Every launcher returns None for dx when told it is not needed, and the same dW and indices."""
+    impl = backend_or_skip(backend)
+    g, x, w = with_ties(torch.randn(6, 13)), torch.randn(6, 9), torch.randn(13, 9)
+    idx = impl.topk_indices(g, 4)
+    hits, hits_without = torch.zeros(13, dtype=torch.long), torch.zeros(13, dtype=torch.long)
+    for with_dx, without in (
+        (impl.sparse_backward(g, idx, x, w), impl.sparse_backward(g, idx, x, w, need_dx=False)),
+        (impl.topk_backward(g, x, w, 4, hits), impl.topk_backward(g, x, w, 4, hits_without, need_dx=False)),
+        (impl.unified_backward(g, x, w, 4), impl.unified_backward(g, x, w, 4, need_dx=False)),
+    ):
+        assert with_dx[0] is not None and without[0] is None
+        for a, b in zip(with_dx[1:], without[1:]):
+            assert torch.equal(a, b)
+    assert torch.equal(hits, hits_without)
 
 
 def test_ties_prefer_lower_index() -> None:

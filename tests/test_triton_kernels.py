@@ -18,9 +18,10 @@ from mesimp_gpu.backends import BackendUnavailable, get_backend  # noqa: E402
 from mesimp_gpu.backends.base import InvalidGradientError  # noqa: E402
 from mesimp_gpu.backends.reference import ReferenceBackend  # noqa: E402
 from mesimp_gpu.kernels.gather import meprop_dx  # noqa: E402
-from mesimp_gpu.kernels.rows import meprop_adam_update, meprop_dw, meprop_sgd_update  # noqa: E402
+from mesimp_gpu.kernels.row_updates import adagrad_rows_, adam_rows_, sgd_rows_  # noqa: E402
+from mesimp_gpu.kernels.rows import meprop_dw  # noqa: E402
 from mesimp_gpu.kernels.topk import topk_dx, topk_select  # noqa: E402
-from mesimp_gpu.kernels.unified import column_scores, unified_backward  # noqa: E402
+from mesimp_gpu.kernels.unified import column_scores  # noqa: E402
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -162,68 +163,99 @@ def test_meprop_dw_accumulates_deterministically(seed: int, rows: int, cols: int
     assert torch.equal(meprop_dw(vals, idx, x, cols), fresh), "dW is not bitwise reproducible"
 
 
-def _touched_rows(idx: Tensor, rows: int) -> Tensor:
-    return torch.zeros(rows, dtype=torch.bool).index_fill_(0, idx.reshape(-1).cpu(), True)[:, None]
-
-
-def test_sgd_update_touches_selected_rows_only(seed: int) -> None:
-    rows, cols, n_in, k, lr = 4, 30, 19, 3, 0.05
-    g = make_g(rows, cols, "random")
-    x = torch.randn(rows, n_in, device=DEVICE)
-    idx = random_indices(rows, cols, k)
-    weight = torch.randn(cols, n_in, device=DEVICE)
-    before = weight.cpu().clone()
-    meprop_sgd_update(g.gather(1, idx), idx, x, weight, lr)
-    _, dw = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), before)
-    expected = torch.where(_touched_rows(idx, cols), before - lr * dw, before)
-    assert_close(weight, expected)
-    untouched = ~_touched_rows(idx, cols).expand(cols, n_in)
-    assert torch.equal(weight.cpu()[untouched], before[untouched])
-
-
-@pytest.mark.parametrize("clip", [None, 0.5])
-def test_adam_update_is_lazy_adam(seed: int, clip: float | None) -> None:
-    rows, cols, n_in, k, step = 4, 30, 19, 3, 3
-    lr, (beta1, beta2), eps = 0.01, (0.9, 0.999), 1e-8
-    g = make_g(rows, cols, "random")
-    x = torch.randn(rows, n_in, device=DEVICE)
-    idx = random_indices(rows, cols, k)
-    weight = torch.randn(cols, n_in, device=DEVICE)
-    m, v = torch.randn(cols, n_in, device=DEVICE), torch.rand(cols, n_in, device=DEVICE)
-    w0, m0, v0 = weight.cpu().double(), m.cpu().double(), v.cpu().double()
-    meprop_adam_update(g.gather(1, idx), idx, x, weight, m, v, step, lr, (beta1, beta2), eps, clip)
-
-    _, d = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), torch.zeros(cols, n_in))
-    d = d.double()
-    if clip is not None:
-        d = d.clamp(-clip, clip)
-    m1 = beta1 * m0 + (1 - beta1) * d
-    v1 = beta2 * v0 + (1 - beta2) * d * d
-    w1 = w0 - lr / (1 - beta1**step) * m1 / (v1.sqrt() / (1 - beta2**step) ** 0.5 + eps)
-    touched = _touched_rows(idx, cols)
-    assert_close(m, torch.where(touched, m1, m0))
-    assert_close(v, torch.where(touched, v1, v0))
-    assert_close(weight, torch.where(touched, w1, w0))
-
-
-@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(6, 37, 20, 7), (1, 12, 5, 12), (16, 128, 33, 1)])
-def test_unified_matches_reference(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
-    g = make_g(rows, cols, "ties")  # integer entries: column sums are exact, so ties are real ties
-    x = torch.randn(rows, n_in, device=DEVICE)
-    weight = torch.randn(cols, n_in, device=DEVICE)
-    scores = column_scores(g, out=poisoned((cols,), torch.float32))
-    assert torch.equal(scores.cpu(), g.abs().sum(dim=0).cpu())
-    dx, dw, sel = unified_backward(g, x, weight, k)
-    edx, edw, ecols = REF.unified_backward(g.cpu(), x.cpu(), weight.cpu(), k)
-    assert torch.equal(sel.cpu(), ecols)
-    assert_close(dx, edx)
-    assert_close(dw, edw)
-
-
 def test_column_scores_random(seed: int) -> None:
     g = make_g(13, 70, "random")
     scores = column_scores(g, out=poisoned((70,), torch.float32))
     assert_close(scores, g.cpu().double().abs().sum(dim=0))
+
+
+# ------------------------------------------------------------------------------------ row updates
+
+
+def torch_step_on_rows(make, p: Tensor, grad: Tensor, rows: Tensor, state: dict[str, Tensor], step: int) -> Tensor:
+    """One ``torch.optim`` step (``make([param])``, on CPU) of ``p[rows]`` from ``state[key][rows]`` at step count
+    ``step``; returns the new rows and writes the new state back into ``state``'s rows."""
+    twin = torch.nn.Parameter(p[rows].clone())
+    opt = make([twin])
+    opt.state[twin] = {key: value[rows].clone() for key, value in state.items()}
+    opt.state[twin]["step"] = torch.tensor(float(step - 1))  # Adam's and AdaGrad's count before this step
+    twin.grad = grad[rows].clone()
+    opt.step()
+    for key, value in state.items():
+        value[rows] = opt.state[twin][key]
+    return twin.detach()
+
+
+#: name -> (launcher for (p, grad, rows, state tensors, step, clip), torch.optim twin, state keys)
+ROW_UPDATES = {
+    "sgd": (lambda p, g, rows, st, t, clip: sgd_rows_(p, g, rows, 0.1, clip),
+            lambda ps: torch.optim.SGD(ps, lr=0.1), ()),
+    "sgd-momentum": (lambda p, g, rows, st, t, clip: sgd_rows_(p, g, rows, 0.1, clip, 0.9, st["momentum_buffer"]),
+                     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), ("momentum_buffer",)),
+    "adam": (lambda p, g, rows, st, t, clip: adam_rows_(p, g, rows, st["exp_avg"], st["exp_avg_sq"], float(t), 0.01,
+                                                         (0.9, 0.999), 1e-8, clip),
+             lambda ps: torch.optim.Adam(ps, lr=0.01), ("exp_avg", "exp_avg_sq")),
+    "adagrad": (lambda p, g, rows, st, t, clip: adagrad_rows_(p, g, rows, st["sum"], 0.1, 1e-6, clip),
+                lambda ps: torch.optim.Adagrad(ps, lr=0.1, eps=1e-6), ("sum",)),
+}
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("shape", [(13, 7), (16, 128), (5, 1), (6, 3, 5)])
+@pytest.mark.parametrize("name", list(ROW_UPDATES))
+def test_row_updates_step_like_torch_optim(seed: int, name: str, shape: tuple[int, ...], clip: float | None) -> None:
+    """Several steps, other rows each (an empty set, then all rows as ``None`` too): listed rows move as
+    torch.optim moves them from their own state; every other row keeps its weights and state."""
+    launch, make_torch, keys = ROW_UPDATES[name]
+    n = shape[0]
+    p = torch.randn(shape, device=DEVICE)
+    state = {key: torch.zeros(shape, device=DEVICE) for key in keys}
+    expected, expected_state = p.cpu().clone(), {key: value.cpu().clone() for key, value in state.items()}
+    all_rows = torch.arange(n)
+    for step, rows in enumerate(
+        (torch.randperm(n)[: n // 2 + 1].sort().values, torch.tensor([n - 1]), torch.zeros(0, dtype=torch.long),
+         None, torch.randperm(n)[: max(1, n // 3)].sort().values),
+        start=1,
+    ):
+        grad = torch.randn(shape) * 2
+        listed = all_rows if rows is None else rows
+        twin_grad = grad if clip is None else grad.clamp(-clip, clip)
+        if listed.numel():
+            expected[listed] = torch_step_on_rows(make_torch, expected, twin_grad, listed, expected_state, step)
+        launch(p, grad.to(DEVICE), None if rows is None else rows.to(DEVICE), state, step, clip)
+        torch.testing.assert_close(p.cpu(), expected, atol=1e-6, rtol=1e-5)
+        for key in keys:
+            torch.testing.assert_close(state[key].cpu(), expected_state[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_row_updates_half_precision(seed: int, dtype: torch.dtype) -> None:
+    """Half-precision parameters and state, float32 arithmetic: within the dtype's rounding of a float32 update."""
+    p32, g32 = torch.randn(9, 40), torch.randn(9, 40)
+    rows = torch.tensor([0, 3, 8])
+    p, g = p32.to(dtype).to(DEVICE), g32.to(dtype).to(DEVICE)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    ref, ref_m, ref_v = p.float().cpu(), torch.zeros(9, 40), torch.zeros(9, 40)
+    ref[rows] = torch_step_on_rows(lambda ps: torch.optim.Adam(ps, lr=0.01), ref, g.float().cpu(), rows,
+                                   {"exp_avg": ref_m, "exp_avg_sq": ref_v}, 1)
+    adam_rows_(p, g, rows.to(DEVICE), m, v, 1.0, 0.01, (0.9, 0.999), 1e-8)
+    atol = {torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(p.float().cpu(), ref, atol=atol, rtol=1e-2)
+    torch.testing.assert_close(m.float().cpu(), ref_m, atol=atol, rtol=1e-2)
+
+
+def test_row_updates_reject_bad_arguments() -> None:
+    p, g = torch.zeros(4, 3, device=DEVICE), torch.zeros(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="momentum buffer"):
+        sgd_rows_(p, g, None, 0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="grad must be contiguous"):
+        sgd_rows_(p, torch.zeros(3, 4, device=DEVICE).t(), None, 0.1)
+    with pytest.raises(ValueError, match="rows must be an int64"):
+        sgd_rows_(p, g, torch.tensor([1, 2], dtype=torch.int32, device=DEVICE), 0.1)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        sgd_rows_(p.double(), g.double(), None, 0.1)
+    with pytest.raises(ValueError, match="step"):
+        adam_rows_(p, g, None, torch.zeros_like(p), torch.zeros_like(p), 0.0, 0.01, (0.9, 0.999), 1e-8)
 
 
 # ---------------------------------------------------------------------------------------- backend
@@ -253,6 +285,24 @@ def test_backend_topk_backward_with_hits(seed: int, triton_backend) -> None:
     sdx, sdw = triton_backend.sparse_backward(g, idx, x, weight)
     assert_close(sdx, edx)
     assert_close(sdw, edw)
+    # without dx: the select-only kernel, the same indices, hits and dW
+    hits_without = torch.zeros(cols, dtype=torch.int64, device=DEVICE)
+    none, dw_without, idx_without = triton_backend.topk_backward(g, x, weight, k, hits_without, need_dx=False)
+    assert none is None and triton_backend.sparse_backward(g, idx, x, weight, need_dx=False)[0] is None
+    assert torch.equal(idx_without, idx) and torch.equal(hits_without, hits) and torch.equal(dw_without, dw)
+
+
+@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(6, 37, 20, 7), (1, 12, 5, 12), (16, 128, 33, 1)])
+def test_backend_unified_matches_reference(seed: int, triton_backend, rows: int, cols: int, n_in: int, k: int) -> None:
+    g = make_g(rows, cols, "ties")  # integer entries: column sums are exact, so ties are real ties
+    x = torch.randn(rows, n_in, device=DEVICE)
+    weight = torch.randn(cols, n_in, device=DEVICE)
+    assert torch.equal(triton_backend.column_scores(g).cpu(), g.abs().sum(dim=0).cpu())
+    dx, dw, sel = triton_backend.unified_backward(g, x, weight, k)
+    edx, edw, ecols = REF.unified_backward(g.cpu(), x.cpu(), weight.cpu(), k)
+    assert torch.equal(sel.cpu(), ecols)
+    assert_close(dx, edx)
+    assert_close(dw, edw)
 
 
 def test_backend_rejects_non_finite(triton_backend) -> None:
@@ -357,13 +407,27 @@ def test_gpu_realistic_sizes(seed: int, rows: int, cols: int, n_in: int, k: int,
 
 
 @pytest.mark.gpu
-def test_gpu_updates_match_dense_formula(seed: int) -> None:
-    rows, cols, n_in, k, lr = 100, 500, 784, 160, 0.01
-    g = torch.randn(rows, cols, device="cuda")
-    x = torch.randn(rows, n_in, device="cuda")
-    vals, idx = topk_select(g, k)
-    _, dense = REF.sparse_backward(g, idx, x, torch.zeros(cols, n_in, device="cuda"))
-    weight = torch.randn(cols, n_in, device="cuda")
-    expected = weight - lr * dense
-    meprop_sgd_update(vals, idx, x, weight, lr)
-    torch.testing.assert_close(weight, expected, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("name", ["sgd-momentum", "adam", "adagrad"])
+def test_gpu_row_updates_match_the_portable_path(seed: int, name: str) -> None:
+    """A 500 x 784 weight, 160 touched rows, several steps: the kernels against the backends' portable torch ops."""
+    from mesimp_gpu.backends.torch_backend import TorchBackend
+
+    kernels, portable = get_backend("triton"), TorchBackend()
+    keys = ROW_UPDATES[name][2]
+    p = torch.randn(500, 784, device="cuda")
+    runs = {b: (p.clone(), {key: torch.zeros_like(p) for key in keys}) for b in (kernels, portable)}
+    for step in range(1, 4):
+        rows = torch.randperm(500, device="cuda")[:160].sort().values
+        grad = torch.randn(500, 784, device="cuda")
+        for backend, (param, st) in runs.items():
+            if name == "sgd-momentum":
+                backend.sgd_rows_(param, grad, rows, 0.1, 5.0, 0.9, st["momentum_buffer"])
+            elif name == "adam":
+                backend.adam_rows_(param, grad, rows, st["exp_avg"], st["exp_avg_sq"], float(step), 1e-3,
+                                   (0.9, 0.999), 1e-8, 5.0)
+            else:
+                backend.adagrad_rows_(param, grad, rows, st["sum"], 0.1, 1e-6, 5.0)
+    (got, got_state), (want, want_state) = runs[kernels], runs[portable]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for key in keys:
+        torch.testing.assert_close(got_state[key], want_state[key], atol=1e-5, rtol=1e-5)

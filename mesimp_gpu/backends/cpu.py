@@ -23,16 +23,19 @@ shrank below 1.2e-38 would otherwise cost a microcode assist per operation). A `
 more comes from a small pool of recycled, huge-page-advised buffers (a fresh one costs more in page
 faults than the sparse products), and from 8 MiB on it is written with streaming stores.
 
-The module also holds the in-place row updates of :mod:`mesimp_gpu.lazy_optim`. The kernel is compiled
+The kernel also holds the lazy optimizers' in-place row updates (``sgd_rows_``, ``adam_rows_``,
+``adagrad_rows_``: one pass per row, all cores) and their union of touched rows. It is compiled
 with ``-O3 -march=native`` by :func:`torch.utils.cpp_extension.load_inline` into the torch extensions
 directory (``TORCH_EXTENSIONS_DIR``); its name carries a hash of the source and of the CPU's feature
 flags, so a cache shared between machines never loads code built for another CPU. Without a working
 compiler (or ninja) the constructor raises :class:`BackendUnavailable`, which ``auto`` logs before
 falling back to the ``torch`` backend.
 
-Unified top-k runs its two reduced products as BLAS GEMMs (``torch.mm``) on ``G[:, S]`` and ``W[S]``
-and writes ``dW`` row by row (the ``k`` products, zeros elsewhere) without a dense scatter of ``G``.
-Tensors the kernel does not handle (other devices, half precision) go to the ``torch`` backend.
+Unified top-k is the shared :meth:`~mesimp_gpu.backends.base.Backend.unified_backward` (two BLAS
+GEMMs on ``G[:, S]`` and ``W[S]``) with the kernel's selection, and its :meth:`CpuBackend.scatter_rows`
+writes ``dW`` row by row (the ``k`` products, zeros elsewhere) in parallel instead of zero-filling all
+of ``dW`` first. Tensors the kernel does not handle (other devices, half precision) go to the
+portable code: the ``torch`` backend's, or the base class's row updates.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def load_kernels() -> ModuleType:
 
 
 class CpuBackend(Backend):
-    """Fused, multi-threaded per-example meProp on CPU; see the module docstring."""
+    """Fused, multi-threaded per-example meProp and row updates on CPU; see the module docstring."""
 
     name = "cpu"
 
@@ -126,6 +129,17 @@ class CpuBackend(Backend):
         dtype = tensors[0].dtype
         return dtype in NATIVE_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
 
+    @classmethod
+    def handles_rows(cls, p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
+        """True when the row-update kernels can update ``p`` in place: ``p``, ``grad`` and the optimizer
+        state contiguous CPU float32/float64 tensors of one dtype and shape."""
+        tensors = [p, grad, *(t for t in state if t is not None)]
+        return (
+            p.dim() >= 1
+            and cls.handles(*tensors)
+            and all(t.shape == p.shape and t.is_contiguous() for t in tensors)
+        )
+
     def topk_indices(self, g: Tensor, k: int) -> Tensor:
         if not self.handles(g):
             return self.portable.topk_indices(g, k)
@@ -135,10 +149,14 @@ class CpuBackend(Backend):
             check_finite(g)  # the kernel saw NaN or inf: raises InvalidGradientError
         return idx
 
-    def sparse_backward(self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    def sparse_backward(
+        self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor, need_dx: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
         if not self.handles(g, x, weight):
-            return self.portable.sparse_backward(g, idx, x, weight)
-        return self.ops.sparse_backward(g.contiguous(), idx.contiguous(), x.contiguous(), weight.contiguous(), None, True)
+            return self.portable.sparse_backward(g, idx, x, weight, need_dx)
+        return self.ops.sparse_backward(
+            g.contiguous(), idx.contiguous(), x.contiguous(), weight.contiguous(), None, need_dx
+        )
 
     def topk_backward(
         self, g: Tensor, x: Tensor, weight: Tensor, k: int, hits: Tensor | None = None, need_dx: bool = True
@@ -164,12 +182,64 @@ class CpuBackend(Backend):
         g_k = masked_gradient(g, idx)  # (B, out)
         return (g_k.mm(weight) if need_dx else None), g_k.t().mm(x), idx
 
-    def unified_backward(self, g: Tensor, x: Tensor, weight: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        if not self.handles(g, x, weight):
-            return self.portable.unified_backward(g, x, weight, k)
-        scores = g.abs().sum(dim=0, keepdim=True)  # (1, out)
-        cols = self.topk_indices(scores, k)[0]  # (k,) ascending
-        g_s = g.index_select(1, cols)  # (B, k)
-        dx = g_s.mm(weight.index_select(0, cols))  # (B, k) @ (k, in)
-        dw = self.ops.scatter_rows(g_s.t().mm(x).contiguous(), cols, weight.shape[0])  # (out, in), zero off cols
-        return dx, dw, cols
+    def scatter_rows(self, src: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+        if not self.handles(src):
+            return super().scatter_rows(src, rows, n_rows)
+        return self.ops.scatter_rows(src.contiguous(), rows.contiguous(), n_rows)
+
+    def union_rows(self, pending: list[Tensor], n_rows: int) -> Tensor:
+        if not all(t.device.type == "cpu" and t.dtype == torch.int64 for t in pending):
+            return super().union_rows(pending, n_rows)
+        return self.ops.union_rows(pending, n_rows)
+
+    def sgd_rows_(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        rows: Tensor | None,
+        lr: float,
+        clip: float | None = None,
+        momentum: float = 0.0,
+        momentum_buffer: Tensor | None = None,
+    ) -> None:
+        if not self.handles_rows(p, grad, momentum_buffer):
+            return super().sgd_rows_(p, grad, rows, lr, clip, momentum, momentum_buffer)
+        # the kernel reads clip <= 0 as "no clipping"
+        self.ops.lazy_sgd_(p, grad, _kernel_rows(rows), lr, clip or 0.0, momentum, momentum_buffer)
+
+    def adam_rows_(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        rows: Tensor | None,
+        exp_avg: Tensor,
+        exp_avg_sq: Tensor,
+        step: float,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        clip: float | None = None,
+    ) -> None:
+        if not self.handles_rows(p, grad, exp_avg, exp_avg_sq):
+            return super().adam_rows_(p, grad, rows, exp_avg, exp_avg_sq, step, lr, betas, eps, clip)
+        self.ops.lazy_adam_(p, grad, exp_avg, exp_avg_sq, _kernel_rows(rows), lr, betas[0], betas[1], eps, step,
+                            clip or 0.0)
+
+    def adagrad_rows_(
+        self,
+        p: Tensor,
+        grad: Tensor,
+        rows: Tensor | None,
+        state_sum: Tensor,
+        lr: float,
+        eps: float,
+        clip: float | None = None,
+    ) -> None:
+        if not self.handles_rows(p, grad, state_sum):
+            return super().adagrad_rows_(p, grad, rows, state_sum, lr, eps, clip)
+        self.ops.lazy_adagrad_(p, grad, state_sum, _kernel_rows(rows), lr, eps, clip or 0.0)
+
+
+def _kernel_rows(rows: Tensor | None) -> Tensor | None:
+    """``rows`` as the row-update kernels take them: a contiguous int64 vector (None: every row)."""
+    return None if rows is None else rows.contiguous()

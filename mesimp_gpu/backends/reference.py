@@ -40,11 +40,13 @@ class ReferenceBackend(Backend):
     def topk_indices(self, g: Tensor, k: int) -> Tensor:
         return mask_to_indices(topk_mask(g, k))
 
-    def sparse_backward(self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    def sparse_backward(
+        self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor, need_dx: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
         g64 = g.double()
         mask = torch.zeros(g.shape, dtype=torch.bool, device=g.device)
         mask.scatter_(1, idx, True)
         g_k = torch.where(mask, g64, torch.zeros_like(g64))  # (B, out)
-        dx = g_k @ weight.double()
+        dx = (g_k @ weight.double()).to(x.dtype) if need_dx else None
         dw = g_k.t() @ x.double()
-        return dx.to(x.dtype), dw.to(weight.dtype)
+        return dx, dw.to(weight.dtype)

@@ -2,8 +2,9 @@
 
 Selection is a threshold selection: the k-th largest magnitude of each row (from ``torch.topk``,
 whose *value* is exact even though its tie order is unspecified) is the threshold; entries above it
-are kept, and entries equal to it fill the remaining slots from the lowest index up. That is O(n)
-per row after the top-k and gives the lower-index tie rule on every device.
+are kept, and entries equal to it fill the remaining slots from the lowest index up
+(:func:`threshold_indices`, which the CuPy backend shares with a threshold from its own kernel).
+That is O(n) per row after the top-k and gives the lower-index tie rule on every device.
 """
 
 from __future__ import annotations
@@ -14,17 +15,26 @@ from torch import Tensor
 from mesimp_gpu.backends.base import Backend, check_finite, check_k
 
 
+def threshold_indices(a: Tensor, kth: Tensor, k: int) -> Tensor:
+    """The selection rule given the threshold: ``[B, k]`` int64 ascending indices into ``a`` (``[B, n]``, ``>= 0``).
+
+    ``kth`` (``[B, 1]``, ``a``'s dtype) must be the ``k``-th largest entry of each row exactly: every
+    entry above it is kept, and the entries equal to it fill the remaining slots from the lowest index.
+    """
+    above = a > kth  # (B, n)
+    equal = a == kth
+    free = k - above.sum(dim=1, keepdim=True)  # slots left for ties, >= 1
+    keep = above | (equal & (equal.cumsum(dim=1) <= free))
+    return keep.nonzero()[:, 1].reshape(a.shape[0], k)
+
+
 def threshold_topk_indices(g: Tensor, k: int) -> Tensor:
     """Row-wise top-k of ``|g|`` (``[B, out]``) -> ``[B, k]`` int64 indices, ascending, ties to lower index."""
     check_finite(g)
     k = check_k(k, g.shape[1])
     a = g.abs()
     kth = a.topk(k, dim=1, sorted=False).values.min(dim=1, keepdim=True).values  # (B, 1)
-    above = a > kth  # (B, out)
-    equal = a == kth
-    free = k - above.sum(dim=1, keepdim=True)  # slots left for ties, >= 1
-    keep = above | (equal & (equal.cumsum(dim=1) <= free))
-    return keep.nonzero()[:, 1].reshape(g.shape[0], k)
+    return threshold_indices(a, kth, k)
 
 
 class TorchBackend(Backend):
@@ -39,9 +49,11 @@ class TorchBackend(Backend):
     def topk_indices(self, g: Tensor, k: int) -> Tensor:
         return threshold_topk_indices(g, k)
 
-    def sparse_backward(self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    def sparse_backward(
+        self, g: Tensor, idx: Tensor, x: Tensor, weight: Tensor, need_dx: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
         vals = g.gather(1, idx)  # (B, k)
-        dx = torch.bmm(vals.unsqueeze(1), weight[idx]).squeeze(1)  # (B, 1, k) @ (B, k, in) -> (B, in)
+        dx = torch.bmm(vals.unsqueeze(1), weight[idx]).squeeze(1) if need_dx else None  # (B, 1, k) @ (B, k, in)
         g_k = torch.zeros_like(g).scatter_(1, idx, vals)  # (B, out)
         dw = g_k.t() @ x
         return dx, dw
