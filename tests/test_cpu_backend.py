@@ -191,6 +191,19 @@ def test_unified_backward_matches_reference(cpu, threads, seed, batch, n_in, n_o
     torch.testing.assert_close(dw, ref_dw)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unified_backward_is_the_shared_one_with_the_kernel_hooks(cpu, seed, dtype):
+    """The kernel's selection and row writes change no bit of the shared unified products."""
+    g, x, w = gradient(19, 70, dtype), torch.randn(19, 33, dtype=dtype), torch.randn(70, 33, dtype=dtype)
+    portable = load_backend("torch")
+    for need_dx in (True, False):
+        for got, want in zip(cpu.unified_backward(g, x, w, 9, need_dx), portable.unified_backward(g, x, w, 9, need_dx)):
+            assert (got is None and want is None) or torch.equal(got, want)
+    cols = torch.tensor([2, 5, 69])
+    src = torch.randn(3, 33, dtype=dtype)
+    assert torch.equal(cpu.scatter_rows(src, cols, 70), portable.scatter_rows(src, cols, 70))
+
+
 def test_wide_layer_streaming_stores_and_recycled_buffers(cpu, seed):
     """dW of 8 MiB and more is written around the caches into recycled buffers: same values, every call."""
     g, x, w = gradient(8, 2048, torch.float32), torch.randn(8, 1024), torch.randn(2048, 1024)
