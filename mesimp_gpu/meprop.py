@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mesimp_gpu import touched_rows
 from mesimp_gpu.backends import Backend, BackendCache
 from mesimp_gpu.backends.base import bincount_hits, masked_gradient
+from mesimp_gpu.optim import slice_parameter
 
 
 class MePropMode(str, enum.Enum):
@@ -179,6 +180,33 @@ class MePropLinear(nn.Module):
         backend = self._backends.resolve(self.config.backend, x.device)
         y = MePropFunction.apply(x2, self.weight, self.bias, self.config, backend, self.hits if recording else None)
         return y.reshape(*lead, self.out_features)
+
+    def prune_outputs_(
+        self, keep: Tensor, next_layer: MePropLinear, optimizer: torch.optim.Optimizer | None = None
+    ) -> None:
+        """Delete the output neurons where ``keep`` (``[out]`` bool) is False, in place (meSimp).
+
+        Slices ``weight`` ``[out, in]`` and ``bias`` ``[out]`` by rows, the hit record, and
+        ``next_layer.weight`` ``[next_out, out]`` by columns, each with its optimizer state.
+        """
+        if keep.shape != (self.out_features,) or keep.dtype != torch.bool:
+            raise ValueError(f"keep mask must be bool [{self.out_features}], got {keep.dtype} {tuple(keep.shape)}")
+        if next_layer.in_features != self.out_features:
+            raise ValueError(f"next layer reads {next_layer.in_features} inputs, the layer has {self.out_features} outputs")
+        keep = keep.to(self.weight.device)
+        slice_parameter(self, "weight", lambda w: w[keep], optimizer)
+        if self.bias is not None:
+            slice_parameter(self, "bias", lambda b: b[keep], optimizer)
+        if self.hits is not None:
+            self.hits = self.hits[keep].clone()
+        slice_parameter(next_layer, "weight", lambda w: w[:, keep], optimizer)
+        self.out_features = next_layer.in_features = int(keep.sum())
+
+    def reset_record_(self) -> None:
+        """Zero the meSimp hit record (``hits`` and ``refer``)."""
+        if self.hits is not None:
+            self.hits.zero_()
+        self.refer = 0
 
     def extra_repr(self) -> str:
         c = self.config

@@ -5,7 +5,8 @@ often ``j`` was in an example's top-k set) and ``refer`` (examples seen); see
 :class:`~mesimp_gpu.meprop.MePropLinear`. A prune step removes, for good, every neuron with
 ``hits[j] < floor(refer * p)`` and resets the record. "Removes" means the layer's weight rows and
 bias entries, the next layer's input columns and the optimizer state of all of them are sliced
-away (:func:`~mesimp_gpu.optim.slice_parameter`): parameter count, memory and the cost of the
+away (:meth:`~mesimp_gpu.meprop.MePropLinear.prune_outputs_`,
+:meth:`~mesimp_gpu.lstm.MePropLSTM.prune_units_`): parameter count, memory and the cost of the
 forward and backward passes all fall, and the network computes exactly what the masked network
 would (a pruned neuron contributed nothing through the next layer's deleted column).
 
@@ -42,15 +43,13 @@ from __future__ import annotations
 import enum
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from mesimp_gpu.meprop import MePropLinear
-from mesimp_gpu.optim import reset_moments, slice_parameter
+from mesimp_gpu.optim import reset_moments
 
 
 class MomentReset(str, enum.Enum):
@@ -77,36 +76,6 @@ def prune_mask(hits: Tensor, refer: int, threshold: float) -> Tensor:
     if not bool(keep.any()):
         keep[int(hits.argmax())] = True
     return keep
-
-
-def shrink_outputs_(
-    layer: MePropLinear, next_layer: MePropLinear, keep: Tensor, optimizer: torch.optim.Optimizer | None = None
-) -> None:
-    """Delete ``layer``'s output neurons where ``keep`` (``[out]`` bool) is False, in place.
-
-    Slices ``layer.weight`` ``[out, in]`` and ``layer.bias`` ``[out]`` by rows, its hit record, and
-    ``next_layer.weight`` ``[next_out, out]`` by columns, each with its optimizer state.
-    """
-    if keep.shape != (layer.out_features,) or keep.dtype != torch.bool:
-        raise ValueError(f"keep mask must be bool [{layer.out_features}], got {keep.dtype} {tuple(keep.shape)}")
-    if next_layer.in_features != layer.out_features:
-        raise ValueError(f"next layer reads {next_layer.in_features} inputs, the layer has {layer.out_features} outputs")
-    keep = keep.to(layer.weight.device)
-    slice_parameter(layer, "weight", lambda w: w[keep], optimizer)
-    if layer.bias is not None:
-        slice_parameter(layer, "bias", lambda b: b[keep], optimizer)
-    if layer.hits is not None:
-        layer.hits = layer.hits[keep].clone()
-    slice_parameter(next_layer, "weight", lambda w: w[:, keep], optimizer)
-    layer.out_features = next_layer.in_features = int(keep.sum())
-
-
-def reset_records_(layers: Sequence[MePropLinear]) -> None:
-    """Zero the hit record (``hits`` and ``refer``) of every layer."""
-    for layer in layers:
-        if layer.hits is not None:
-            layer.hits.zero_()
-        layer.refer = 0
 
 
 def prunes_in(epoch: int, cycle: int) -> bool:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mesimp_gpu.backends import BackendUnavailable, get_backend
 from mesimp_gpu.cli import app
 from mesimp_gpu.data.mnist import load_mnist
-from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prunes_in, shrink_outputs_
+from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prunes_in
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.models.mlp import MLP, load_mlp, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer
@@ -171,9 +171,9 @@ def test_optimizer_step_after_slicing_equals_unsliced_step(seed: int, name: Opti
 def test_shrink_rejects_bad_masks() -> None:
     model = tiny_mlp()
     with pytest.raises(ValueError, match="keep mask"):
-        shrink_outputs_(model.layers[0], model.layers[1], torch.ones(5, dtype=torch.bool))
+        model.layers[0].prune_outputs_(torch.ones(5, dtype=torch.bool), model.layers[1])
     with pytest.raises(ValueError, match="next layer"):
-        shrink_outputs_(model.layers[0], model.layers[2], torch.ones(12, dtype=torch.bool))
+        model.layers[0].prune_outputs_(torch.ones(12, dtype=torch.bool), model.layers[2])
     with pytest.raises(ValueError, match="track_hits"):
         MLP([3, 4, 2], MePropConfig()).mesimp_prune_(0.1)
 

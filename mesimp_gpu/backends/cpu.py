@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +53,7 @@ from torch import Tensor
 
 from mesimp_gpu.backends.base import Backend, bincount_hits, check_finite, check_k, masked_gradient
 from mesimp_gpu.backends.torch_backend import TorchBackend
+from mesimp_gpu.machine import cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,6 @@ CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fop
 NATIVE_DTYPES = (torch.float32, torch.float64)
 #: kept fraction k / out above which the products are BLAS GEMMs on the masked gradient
 DENSE_PRODUCTS_FRACTION = 0.25
-
-
-def cpu_signature() -> str:
-    """A string that changes with the CPU's instruction set (what ``-march=native`` compiles for)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_kernels() -> ModuleType:
@@ -93,7 +82,7 @@ def load_kernels() -> ModuleType:
     if not cpp_extension.is_ninja_available():
         raise BackendUnavailable("backend 'cpu' needs ninja to build its kernels (pip install ninja)")
     source = SOURCE.read_text()
-    digest = hashlib.sha256((source + cpu_signature() + " ".join(CFLAGS)).encode()).hexdigest()[:12]
+    digest = hashlib.sha256((source + " ".join(cpu_flags()) + " ".join(CFLAGS)).encode()).hexdigest()[:12]
     start = time.perf_counter()
     try:
         module = cpp_extension.load_inline(

@@ -149,6 +149,8 @@ def train_pos_command(
     optimizer: OptimizerName = optimizer_option(_pos_default("optimizer")),
     lr: float = lr_option(_pos_default("lr")),
     clip: float = clip_option(_pos_default("clip")),
+    lazy: bool = typer.Option(_pos_default("lazy"), help="Update only the LSTM weight rows that per-example meProp "
+                              "touched in the step (exact for SGD and AdaGrad); other parameters get the full update."),
     word_dim: int = typer.Option(_pos_default("word_dim"), help="Word embedding size."),
     feature_dim: int = typer.Option(_pos_default("feature_dim"), help="Embedding size of each of the 7 shape "
                                     "features."),
@@ -182,7 +184,8 @@ def train_pos_command(
     with user_errors():
         config = PosConfig(
             method=method, k=k, selection=selection, counting=counting, hidden=hidden, bidirectional=bidirectional,
-            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, word_dim=word_dim,
+            epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
+            word_dim=word_dim,
             feature_dim=feature_dim, word_dropout=word_dropout, tagset=tagset, chunks=chunks, prune=prune,
             cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits, seed=seed, device=device,
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
@@ -221,6 +224,8 @@ def train_parse_command(
     activation: Activation = typer.Option(_parse_default("activation"), help="Hidden activation: relu, or cube "
                                           "(Chen & Manning)."),
     dropout: float = typer.Option(_parse_default("dropout"), help="Dropout on the hidden layer's output."),
+    input_dropout: float = typer.Option(_parse_default("input_dropout"), help="Dropout on the concatenated "
+                                        "embeddings."),
     l2: float = typer.Option(_parse_default("l2"), help="L2 weight on the embeddings and the output layer."),
     word_dropout: float = typer.Option(_parse_default("word_dropout"), help="alpha: a word feature seen c times in "
                                        "train becomes UNK with probability alpha / (alpha + c); 0 disables."),
@@ -270,7 +275,7 @@ def train_parse_command(
     with user_errors():
         settings = dict(
             method=method, k=k, hidden=hidden, dim=dim, activation=activation, dropout=dropout, l2=l2,
-            word_dropout=word_dropout,
+            input_dropout=input_dropout, word_dropout=word_dropout,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
             tagset=tagset, tagger=text(tagger), chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
             nonzero_hits=nonzero_hits, compare_same_size=compare_same_size, seed=seed, device=device,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
-from mesimp_gpu.mesimp import prune_mask, reset_records_, shrink_outputs_
+from mesimp_gpu.mesimp import prune_mask
 
 #: ``format`` tag of the architecture JSON written by :func:`save_mlp`
 MLP_FORMAT = "mesimp-gpu/mlp-v1"
@@ -74,8 +74,9 @@ class MLP(nn.Module):
         keeps = [prune_mask(layer.hits, layer.refer, threshold) for layer in hidden]
         for i, keep in enumerate(keeps):
             if not bool(keep.all()):
-                shrink_outputs_(self.layers[i], self.layers[i + 1], keep, optimizer)
-        reset_records_(hidden)
+                self.layers[i].prune_outputs_(keep, self.layers[i + 1], optimizer)
+        for layer in hidden:
+            layer.reset_record_()
         return [layer.out_features for layer in hidden]
 
 

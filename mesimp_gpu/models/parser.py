@@ -4,6 +4,7 @@ A configuration's 48 feature ids (:mod:`mesimp_gpu.parsing.features`: 18 words, 
 are embedded (``dim`` each, 50 in the papers) and concatenated into ``48 * dim`` inputs (2,400), fed to
 one meProp hidden layer (500 units in the papers, meProp/meSimp apply here), an activation (``cube``,
 Chen & Manning's, or ``relu``), dropout, and a dense output layer over the ``2L + 1`` transitions.
+Dropout may also act on the embeddings (``input_dropout``).
 
 meSimp prunes hidden units: the hidden layer's weight rows and bias and the output layer's input
 columns are deleted for real (:meth:`Parser.mesimp_prune_`).
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
-from mesimp_gpu.mesimp import prune_mask, reset_records_, shrink_outputs_
+from mesimp_gpu.mesimp import prune_mask
 from mesimp_gpu.parsing.features import N_FEATURES, N_LABEL_FEATURES, N_TAG_FEATURES, N_WORD_FEATURES
 
 #: ``format`` tag of the architecture JSON written by :func:`save_parser`
@@ -50,6 +51,7 @@ class ParserShape:
     dim: int = 50  # embedding size of words, tags and labels
     activation: Activation = Activation.RELU
     dropout: float = 0.5  # on the hidden layer's output, in training
+    input_dropout: float = 0.0  # on the concatenated embeddings, in training
 
 
 class Parser(nn.Module):
@@ -59,8 +61,8 @@ class Parser(nn.Module):
         super().__init__()
         if min(shape.words, shape.tags, shape.labels) < 3 or shape.outputs < 1:
             raise ValueError(f"vocabularies too small for a parser: {shape}")
-        if not 0.0 <= shape.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {shape.dropout}")
+        if not (0.0 <= shape.dropout < 1.0 and 0.0 <= shape.input_dropout < 1.0):
+            raise ValueError(f"dropout rates must be in [0, 1), got {shape.dropout} and {shape.input_dropout}")
         self.shape = shape
         self.words = nn.Embedding(shape.words, shape.dim)
         self.tags = nn.Embedding(shape.tags, shape.dim)
@@ -70,6 +72,7 @@ class Parser(nn.Module):
         self.hidden = MePropLinear(N_FEATURES * shape.dim, shape.hidden, config, track_hits=track_hits)
         self.output = MePropLinear(shape.hidden, shape.outputs, replace(config, mode=MePropMode.DENSE))
         self.dropout = nn.Dropout(shape.dropout)
+        self.input_dropout = nn.Dropout(shape.input_dropout)
 
     @property
     def hidden_size(self) -> int:
@@ -89,7 +92,7 @@ class Parser(nn.Module):
             self.tags(features[:, tag_start:label_start]).flatten(1),  # (B, 18 * dim)
             self.labels(features[:, label_start : label_start + N_LABEL_FEATURES]).flatten(1),  # (B, 12 * dim)
         ], dim=1)
-        z = self.hidden(x)  # (B, hidden)
+        z = self.hidden(self.input_dropout(x))  # (B, hidden)
         h = z * z * z if self.shape.activation is Activation.CUBE else torch.relu(z)
         return self.output(self.dropout(h))
 
@@ -100,8 +103,8 @@ class Parser(nn.Module):
             raise ValueError("meSimp needs hit records: build the parser with track_hits=True")
         keep = prune_mask(self.hidden.hits, self.hidden.refer, threshold)
         if not bool(keep.all()):
-            shrink_outputs_(self.hidden, self.output, keep, optimizer)
-        reset_records_([self.hidden])
+            self.hidden.prune_outputs_(keep, self.output, optimizer)
+        self.hidden.reset_record_()
         return [self.hidden_size]
 
 

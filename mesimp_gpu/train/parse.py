@@ -53,6 +53,7 @@ class ParseConfig:
     dim: int = 50  # embedding size of words, tags and labels
     activation: Activation = Activation.RELU  # relu or cube (Chen & Manning)
     dropout: float = 0.5  # on the hidden layer's output (Chen & Manning)
+    input_dropout: float = 0.0  # on the concatenated embeddings
     l2: float = 1e-8  # L2 on the embeddings and the output layer (Chen & Manning)
     word_dropout: float = 0.25  # alpha: a word feature of train count c becomes UNK with probability alpha / (alpha + c)
     epochs: int = 2  # passes over the training transitions
@@ -85,8 +86,9 @@ class ParseConfig:
         check_run_settings(self, {"k": self.k, "hidden": self.hidden, "dim": self.dim, "epochs": self.epochs,
                                   "batch_size": self.batch_size, "chunks": self.chunks})
         check_treebank_settings(self)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "input_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if not self.l2 >= 0.0:
             raise ValueError(f"--l2 must be >= 0, got {self.l2}")
         if not self.word_dropout >= 0.0:
@@ -184,7 +186,7 @@ class ParseTrainer(Trainer):
         c = self.config
         shape = ParserShape(len(self.vocab.words), len(self.vocab.tags), len(self.vocab.labels),
                             self.vocab.system.n_outputs, hidden=c.hidden if hidden_sizes is None else hidden_sizes[0],
-                            dim=c.dim, activation=c.activation, dropout=c.dropout)
+                            dim=c.dim, activation=c.activation, dropout=c.dropout, input_dropout=c.input_dropout)
         meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.nonzero_hits)
         return Parser(shape, meprop, track_hits=c.method is Method.MESIMP).to(self.device)
 

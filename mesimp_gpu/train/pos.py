@@ -20,7 +20,7 @@ cycles the kept units stay fixed while the hit record keeps counting. Adam's mom
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 import torch
 from tqdm import tqdm
@@ -63,8 +63,7 @@ class PosConfig:
     optimizer: OptimizerName = OptimizerName.ADAM
     lr: float = 1e-3  # learning rate (the papers: Adam 0.001, AdaGrad 0.01 for POS)
     clip: Optional[float] = 5.0  # element-wise gradient clipping; None disables
-    #: lazy optimizers need touched-row records, which the LSTM does not leave: always a dense update
-    lazy: ClassVar[bool] = False
+    lazy: bool = False  # update only the LSTM weight rows meProp touched (mesimp_gpu.lazy_optim)
     word_dim: int = 50  # word embedding size
     feature_dim: int = 20  # embedding size of each of the 7 shape features
     word_dropout: float = 0.25  # alpha: a word of train count c becomes UNK with probability alpha / (alpha + c)

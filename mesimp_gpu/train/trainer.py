@@ -81,7 +81,7 @@ class Trainer:
     def new_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer over the current model (lazy or dense, see :func:`build_optimizer`)."""
         c = self.config
-        return build_optimizer(c.optimizer, self.model.parameters(), c.lr, lazy=c.lazy, clip=c.clip)
+        return build_optimizer(c.optimizer, self.model.parameters(), c.lr, lazy=c.lazy, clip=c.clip, backend=c.backend)
 
     def build_model(self, hidden_sizes: list[int] | None) -> torch.nn.Module:
         """The model with this run's settings, on the run's device; ``hidden_sizes`` for a shrunk checkpoint."""
