@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.mesimp import prune_mask
+from mesimp_gpu.models.saved import load_model, meprop_config, meprop_settings, save_model
 
 #: ``format`` tag of the architecture JSON written by :func:`save_mlp`
 MLP_FORMAT = "mesimp-gpu/mlp-v1"
@@ -81,45 +79,13 @@ class MLP(nn.Module):
 
 
 def save_mlp(model: MLP, directory: str | Path) -> Path:
-    """Write ``model`` as ``model.json`` (architecture: current sizes, meProp settings) and ``model.pt``
-    (parameters only) into ``directory``; returns the JSON path. A meSimp-shrunk model keeps its shape."""
-    directory = Path(directory)
-    config = model.layers[0].config
-    arch: dict[str, Any] = {
-        "format": MLP_FORMAT,
-        "sizes": model.sizes,
-        "meprop": {**asdict(config), "mode": config.mode.value},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "weights": "model.pt",
-    }
-    save_torch(directory / arch["weights"], {name: p.detach().cpu() for name, p in model.named_parameters()})
-    write_json(directory / "model.json", arch)
-    return directory / "model.json"
+    """Write ``model`` (current sizes, meProp settings) as ``model.json`` + ``model.pt`` into ``directory``;
+    returns the JSON path. A meSimp-shrunk model keeps its shape."""
+    return save_model(model, directory, MLP_FORMAT,
+                      {"sizes": model.sizes, "meprop": meprop_settings(model.layers[0].config)})
 
 
 def load_mlp(path: str | Path, device: torch.device | str = "cpu") -> MLP:
     """Load what :func:`save_mlp` wrote; ``path`` is the ``model.json`` or its folder. ValueError if unreadable."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model at {path}: expected the model.json written by a training run")
-    try:
-        arch = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(arch, dict) or arch.get("format") != MLP_FORMAT:
-        raise ValueError(f"{path} is not an MLP architecture file (format {MLP_FORMAT!r} expected)")
-    try:
-        settings = dict(arch["meprop"])
-        model = MLP(arch["sizes"], MePropConfig(**{**settings, "mode": MePropMode(settings["mode"])}))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} does not describe an MLP ({exc!r})") from exc
-    weights = path.parent / arch["weights"]
-    if not weights.is_file():
-        raise FileNotFoundError(f"no weights at {weights} (named by {path})")
-    try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or mismatched file
-        raise ValueError(f"weights {weights} are unreadable or do not fit the architecture in {path} ({exc})") from exc
-    return model.to(device)
+    return load_model(path, MLP_FORMAT, "an MLP", lambda arch: MLP(arch["sizes"], meprop_config(arch["meprop"])),
+                      device)[0]

@@ -13,7 +13,6 @@ columns are deleted for real (:meth:`Parser.mesimp_prune_`).
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.mesimp import prune_mask
+from mesimp_gpu.models.saved import load_model, meprop_config, meprop_settings, save_model
 from mesimp_gpu.parsing.features import N_FEATURES, N_LABEL_FEATURES, N_TAG_FEATURES, N_WORD_FEATURES
 
 #: ``format`` tag of the architecture JSON written by :func:`save_parser`
@@ -111,51 +110,21 @@ class Parser(nn.Module):
 def save_parser(model: Parser, vocab_state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``model.json`` (architecture at its current size, meProp settings, vocabularies) and
     ``model.pt`` (parameters) into ``directory``; returns the JSON path."""
-    directory = Path(directory)
-    config = model.hidden.config
     shape = replace(model.shape, hidden=model.hidden_size)
-    arch = {
-        "format": PARSER_FORMAT,
+    return save_model(model, directory, PARSER_FORMAT, {
         "shape": {**asdict(shape), "activation": shape.activation.value},
-        "meprop": {**asdict(config), "mode": config.mode.value},
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "meprop": meprop_settings(model.hidden.config),
         "vocab": vocab_state,
-        "weights": "model.pt",
-    }
-    save_torch(directory / arch["weights"], {name: p.detach().cpu() for name, p in model.named_parameters()})
-    write_json(directory / "model.json", arch)
-    return directory / "model.json"
+    })
 
 
 def load_parser(path: str | Path, device: torch.device | str = "cpu") -> tuple[Parser, dict[str, Any]]:
-    """Load what :func:`save_parser` wrote (``path``: the ``model.json`` or its folder) -> (parser, vocab state).
+    """Load what :func:`save_parser` wrote (``path``: the ``model.json`` or its folder) -> (parser in evaluation
+    mode, vocab state). FileNotFoundError or ValueError, naming the file, when it is missing or unreadable."""
 
-    FileNotFoundError or ValueError, naming the file, when it is missing, unreadable or not a parser.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model at {path}: expected the model.json written by `mesimp-gpu train parse`")
-    try:
-        arch = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(arch, dict) or arch.get("format") != PARSER_FORMAT:
-        raise ValueError(f"{path} is not a parser model (format {PARSER_FORMAT!r} expected); "
-                         "was it written by `mesimp-gpu train parse`?")
-    try:
+    def build(arch: dict[str, Any]) -> Parser:
         shape = ParserShape(**{**arch["shape"], "activation": Activation(arch["shape"]["activation"])})
-        settings = dict(arch["meprop"])
-        model = Parser(shape, MePropConfig(**{**settings, "mode": MePropMode(settings["mode"])}))
-        vocab = arch["vocab"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} does not describe a parser ({exc!r})") from exc
-    weights = path.parent / arch["weights"]
-    if not weights.is_file():
-        raise FileNotFoundError(f"no weights at {weights} (named by {path})")
-    try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or mismatched file
-        raise ValueError(f"weights {weights} are unreadable or do not fit the architecture in {path} ({exc})") from exc
-    return model.to(device).eval(), vocab
+        return Parser(shape, meprop_config(arch["meprop"]))
+
+    model, arch = load_model(path, PARSER_FORMAT, "a parser", build, device)
+    return model.eval(), arch["vocab"]

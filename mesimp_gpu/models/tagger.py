@@ -8,8 +8,6 @@ paper), fed to a :class:`~mesimp_gpu.lstm.MePropLSTM` (hidden 500), whose output
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from mesimp_gpu.data.conllu import IGNORE_TAG, PAD_ID, Batch
-from mesimp_gpu.io import save_torch, write_json
 from mesimp_gpu.lstm import GateSelection, HitCounting, MePropLSTM
-from mesimp_gpu.meprop import MePropConfig, MePropMode
+from mesimp_gpu.meprop import MePropConfig
+from mesimp_gpu.models.saved import load_model, meprop_config, meprop_settings, save_model
 
 #: ``format`` tag of the architecture JSON written by :func:`save_tagger`
 TAGGER_FORMAT = "mesimp-gpu/tagger-v1"
@@ -92,51 +90,20 @@ class Tagger(nn.Module):
 def save_tagger(model: Tagger, vocab_state: dict[str, Any], directory: str | Path) -> Path:
     """Write ``model.json`` (sizes at their current, possibly pruned, values, meProp settings, vocabularies)
     and ``model.pt`` (parameters) into ``directory``; returns the JSON path."""
-    directory = Path(directory)
-    config = model.lstm.config
-    arch = {
-        "format": TAGGER_FORMAT,
-        "build": model.build,
-        "hidden_sizes": model.hidden_sizes,
-        "meprop": {**asdict(config), "mode": config.mode.value},
-        "parameters": sum(p.numel() for p in model.parameters()),
+    return save_model(model, directory, TAGGER_FORMAT, {
+        "build": model.build, "hidden_sizes": model.hidden_sizes, "meprop": meprop_settings(model.lstm.config),
         "vocab": vocab_state,
-        "weights": "model.pt",
-    }
-    save_torch(directory / arch["weights"], {name: p.detach().cpu() for name, p in model.named_parameters()})
-    write_json(directory / "model.json", arch)
-    return directory / "model.json"
+    })
 
 
 def load_tagger(path: str | Path, device: torch.device | str = "cpu") -> tuple[Tagger, dict[str, Any]]:
-    """Load what :func:`save_tagger` wrote (``path``: the ``model.json`` or its folder) -> (tagger, vocab state).
+    """Load what :func:`save_tagger` wrote (``path``: the ``model.json`` or its folder) -> (tagger in evaluation
+    mode, vocab state). FileNotFoundError or ValueError, naming the file, when it is missing or unreadable."""
 
-    FileNotFoundError or ValueError, naming the file, when it is missing, unreadable or not a tagger.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model at {path}: expected the model.json written by `mesimp-gpu train pos`")
-    try:
-        arch = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(arch, dict) or arch.get("format") != TAGGER_FORMAT:
-        raise ValueError(f"{path} is not a tagger model (format {TAGGER_FORMAT!r} expected); "
-                         "was it written by `mesimp-gpu train pos`?")
-    try:
-        settings = dict(arch["meprop"])
-        model = Tagger(config=MePropConfig(**{**settings, "mode": MePropMode(settings["mode"])}), **arch["build"])
+    def build(arch: dict[str, Any]) -> Tagger:
+        model = Tagger(config=meprop_config(arch["meprop"]), **arch["build"])
         model.shrink_to_(arch["hidden_sizes"])
-        vocab = arch["vocab"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{path} does not describe a tagger ({exc!r})") from exc
-    weights = path.parent / arch["weights"]
-    if not weights.is_file():
-        raise FileNotFoundError(f"no weights at {weights} (named by {path})")
-    try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a damaged or mismatched file
-        raise ValueError(f"weights {weights} are unreadable or do not fit the architecture in {path} ({exc})") from exc
-    return model.to(device).eval(), vocab
+        return model
+
+    model, arch = load_model(path, TAGGER_FORMAT, "a tagger", build, device)
+    return model.eval(), arch["vocab"]

@@ -6,14 +6,13 @@ test images, a tagger on the gold tags and a parser on the gold trees of a CoNLL
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mesimp_gpu.data.mnist import load_mnist
 from mesimp_gpu.models.mlp import MLP_FORMAT, load_mlp
 from mesimp_gpu.models.parser import PARSER_FORMAT
+from mesimp_gpu.models.saved import read_architecture
 from mesimp_gpu.models.tagger import TAGGER_FORMAT
 from mesimp_gpu.train.inference import evaluate_parser, evaluate_tagger
 from mesimp_gpu.train.records import accuracy
@@ -30,23 +29,6 @@ class EvaluateConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
 
 
-def model_format(path: str | Path) -> str:
-    """The ``format`` tag of a saved model (``path``: its ``model.json`` or folder); clear errors otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no model at {path}: expected the model.json written by a training run "
-                                "(a run saves it at its first dev evaluation)")
-    try:
-        arch = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(arch, dict) or not isinstance(arch.get("format"), str):
-        raise ValueError(f"{path} is not a model file of this package (no format tag)")
-    return arch["format"]
-
-
 def evaluate_mnist(config: EvaluateConfig) -> dict[str, Any]:
     """Test accuracy (%) of a saved MNIST model, with its sizes and parameter count."""
     device = resolve_device(config.device)
@@ -60,9 +42,9 @@ def evaluate_mnist(config: EvaluateConfig) -> dict[str, Any]:
     }
 
 
-def evaluate(config: EvaluateConfig) -> tuple[str, dict[str, Any]]:
+def evaluate(config: EvaluateConfig) -> tuple[str | None, dict[str, Any]]:
     """``(format, scores)`` of the saved model, scored as its kind requires."""
-    kind = model_format(config.model)
+    kind = read_architecture(config.model)[0].get("format")
     if kind == MLP_FORMAT:
         return kind, evaluate_mnist(config)
     if kind in (PARSER_FORMAT, TAGGER_FORMAT):
