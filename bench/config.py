@@ -2,6 +2,13 @@
 
 Two presets: the full benchmark (the defaults below) and ``--quick`` (:data:`QUICK`, about a
 minute on a 2-core CPU). Options given on the command line override the preset's values.
+
+The ``parse`` suite is part of the default run, and costs something only where a treebank is given
+(``--ud-dir`` or ``MESIMP_UD_DIR``; without one it gives one row saying it was skipped and why). On
+all of UD English EWT (12,544 training sentences) it is the most expensive suite on a CPU: three
+parsers trained for two epochs, dev parsed after each half epoch, then the dev split decoded six
+times per parser; about 15-20 minutes on 2 cores (estimated from 2,000-sentence runs), roughly as
+long as all the other suites together. ``--parse-limit`` cuts it; ``--suite`` leaves it out.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ class Suite(str, enum.Enum):
     LAYER = "layer"  # one hidden linear layer: backward, forward+backward
     TOPK = "topk"  # row-wise top-k selection alone
     TRAIN = "train"  # time per epoch of MNIST training, split by phase
+    PARSE = "parse"  # time per epoch of parser training by phase, and decoding speed of the simplified parser
 
 
 class Pass(str, enum.Enum):
@@ -40,6 +48,7 @@ class Provider(str, enum.Enum):
     PRIOR_SPARSE = "prior-sparse"  # torch.topk, a sparse COO G_k, torch.sparse.mm (the authors' GPU code)
     TORCH_TOPK = "torch.topk"  # torch.topk of |G|: the baseline of the topk suite
     SELECT = "topk_indices"  # a backend's row-wise selection (Backend.topk_indices)
+    SIMPLIFIED = "mesimp-simplified"  # parse suite decoding: the meSimp-trained parser at its pruned size
 
 
 def all_cores() -> int:
@@ -75,6 +84,12 @@ class BenchConfig:
     mesimp_k: int = 160  # train suite: k of meSimp (the meSimp reference's MNIST setting)
     train_optimizer: OptimizerName = OptimizerName.ADAM  # train suite: update rule, at its PAPER_LR
     data_dir: str | None = None  # MNIST folder; default: MESIMP_DATA_DIR, cache, download
+    parse_limit: int | None = None  # parse suite: first N training sentences (dev/test: max(N // 10, 100)); None: all
+    parse_epochs: int = 2  # parse suite: epochs per method (meSimp prunes in the first, recovers in the second)
+    parse_k: int = 20  # parse suite: k of meProp and meSimp (the papers' parsing setting)
+    parse_hidden: int = 500  # parse suite: hidden units of the parser (the papers: 500)
+    parse_decode_repeats: int = 5  # parse suite: timed passes over dev per parser (after one untimed pass)
+    ud_dir: str | None = None  # parse suite: folder with *train/*dev/*test.conllu[.gz]; default: MESIMP_UD_DIR
     out_dir: str = "bench/results"  # where bench-<device>-<time>.json and its plots are written
     seed: int = 0  # seeds the inputs of every configuration
 
@@ -95,6 +110,12 @@ class BenchConfig:
             raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
         if (self.train_limit is not None and self.train_limit < 1) or self.train_epochs < 1 or self.train_k < 1 or self.mesimp_k < 1:
             raise ValueError("--train-limit, --train-epochs, --train-k and --mesimp-k must be at least 1")
+        if ((self.parse_limit is not None and self.parse_limit < 1) or self.parse_epochs < 1 or self.parse_k < 1
+                or self.parse_hidden < 1 or self.parse_decode_repeats < 1):
+            raise ValueError("--parse-limit, --parse-epochs, --parse-k, --parse-hidden and --parse-decode-repeats "
+                             "must be at least 1")
+        if self.parse_k > self.parse_hidden:
+            raise ValueError(f"--parse-k {self.parse_k} exceeds --parse-hidden {self.parse_hidden}")
 
     @property
     def thread_count(self) -> int:
@@ -109,7 +130,8 @@ class BenchConfig:
         return sorted(k for k in ks if k < width)
 
 
-#: the ``--quick`` preset: small shapes, few repeats, a short training run (about a minute on 2 cores)
+#: the ``--quick`` preset: small shapes, few repeats, short training runs (about a minute on 2 cores
+#: without the parse suite; the parse suite alone: about half a minute)
 QUICK = dict(
     quick=True,
     batches=(10, 100),
@@ -120,6 +142,9 @@ QUICK = dict(
     budget_s=0.5,
     train_limit=2000,
     train_epochs=1,
+    parse_limit=100,
+    parse_epochs=1,
+    parse_decode_repeats=3,
 )
 
 

@@ -1,8 +1,8 @@
 """Tables (markdown) and plots (PNG) drawn from a saved results file, so any run can be redrawn.
 
 ``render(doc)`` gives the markdown; ``draw_plots(doc, json_path)`` writes the PNGs beside the
-JSON file: the layer speedup against k/n per width (one figure per timed pass) and the time
-split of training.
+JSON file: the layer speedup against k/n per width (one figure per timed pass), the time
+split of MNIST training, and the parser's training time split with its decoding speed.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.ticker import NullFormatter
+from matplotlib.transforms import offset_copy
 
 from mesimp_gpu.bench.config import Pass, Provider, Suite
 from mesimp_gpu.plots import new_figure, save_figure
@@ -142,6 +143,56 @@ def train_section(doc: dict[str, Any]) -> str:
                        body)])
 
 
+def score(value: float | None) -> str:
+    """A UAS/LAS percentage, or a dash when the run never scored test."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def parse_section(doc: dict[str, Any]) -> str:
+    rows = suite_rows(doc, Suite.PARSE)
+    if not rows:
+        return ""
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        return "\n".join(["## Parsing", "", *[f"Skipped: {r['reason']}" for r in skipped]])
+    train = [r for r in rows if r.get("kind") == "train"]
+    decode = [r for r in rows if r.get("kind") == "decode"]
+    parts = []
+    if train:
+        first = train[0]
+        body = [[r["label"], r["k"] if r["k"] is not None else "-", *[f"{r['phases_s'][p]:.2f}" for p in PHASES],
+                 f"{r['median_s']:.2f}", f"{r['speedup']:.2f}x", f"{r['run_s']:.1f}", f"{r['run_speedup']:.2f}x",
+                 f"{r['backward_speedup']:.2f}x", score(r["test_uas"]), score(r["test_las"]),
+                 f"{r['kept_at_best_dev']} ({r['kept']})"] for r in train]
+        parts += [
+            f"## Parsing: transition parser on {first['treebank']}, seconds per epoch by phase", "",
+            f"{first['sentences']} training sentences ({first['transitions']} oracle transitions), {first['epochs']} "
+            f"epoch(s), {first['hidden']} hidden units ({first['activation']}), batch {first['batch']} transitions, "
+            f"{first['optimizer']} at lr {first['lr']:g}, backend {first['backend']}; the median epoch is shown, then "
+            "the whole run (meSimp's pruning counts in full there); speedups are over dense. Test UAS/LAS over all "
+            f"words at the best dev UAS ({first['test_sentences']} test sentences), of this short run; hidden units: "
+            "at the best dev (at the end).", "",
+            markdown_table(["method", "k", *[f"{p} s" for p in PHASES], "epoch s", "epoch speedup", "run s",
+                            "run speedup", "backward speedup", "test UAS", "test LAS", "hidden units"], body)]
+    if decode:
+        first = decode[0]
+        body = [[marked(r, r["label"]), r["hidden"], f"{r['parameters']:,}",
+                 f"{r['sentences_per_s']:.0f} ({r['sentences_per_s_p20']:.0f}-{r['sentences_per_s_p80']:.0f})",
+                 f"{r['words_per_s']:.0f}", f"{r['speedup']:.2f}x", score(r["dev_uas"])] for r in decode]
+        if parts:
+            parts.append("")
+        parts += [
+            f"### Decoding: sentences per second on {first['split']}", "",
+            f"{first['sentences']} {first['split']} sentences ({first['words']} words), greedy, batches of "
+            f"{first['batch']} sentences; the parsers take turns, one untimed pass each, then {first['repeats']} "
+            "timed full passes each: median (p20-p80). The simplified parser is the meSimp run's model at its best "
+            "dev; only its hidden layer is smaller. ✗ marks a timed pass whose dev UAS differs from the trainer's "
+            "record of that model.", "",
+            markdown_table(["parser", "hidden units", "parameters", "sentences/s", "words/s", "speedup over dense",
+                            "dev UAS"], body)]
+    return "\n".join(parts)
+
+
 def calibration_section(doc: dict[str, Any]) -> str:
     cal = doc["header"].get("calibration")
     if not cal:
@@ -179,7 +230,7 @@ def plots_section(links: dict[str, str]) -> str:
 def render(doc: dict[str, Any], plot_links: dict[str, str] | None = None) -> str:
     """The whole report as markdown; ``plot_links`` (title -> link) adds the plots at the end."""
     sections = [header_section(doc), calibration_section(doc), layer_section(doc), topk_section(doc),
-                train_section(doc), plots_section(plot_links or {})]
+                train_section(doc), parse_section(doc), plots_section(plot_links or {})]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 
@@ -197,6 +248,8 @@ def plot_paths(json_path: str | Path, doc: dict[str, Any]) -> dict[str, Path]:
             out[f"layer {mode.value}"] = path.with_name(f"{path.stem}-layer-{mode.value.replace('+', '-')}.png")
     if suite_rows(doc, Suite.TRAIN):
         out["train"] = path.with_name(f"{path.stem}-train.png")
+    if any(r["status"] == "ok" for r in suite_rows(doc, Suite.PARSE)):
+        out["parse"] = path.with_name(f"{path.stem}-parse.png")
     return out
 
 
@@ -250,11 +303,9 @@ def plot_layer(rows: Sequence[Row], mode: Pass, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def plot_train(rows: Sequence[Row], path: Path, title: str) -> None:
-    """Stacked bars: seconds per epoch in forward, backward and update, per method."""
-    fig, axes = new_figure(figsize=(6, 0.8 + 0.6 * len(rows)))
-    ax = axes[0][0]
-    names = [r["method"] for r in rows]
+def draw_phase_bars(ax: Any, rows: Sequence[Row], title: str) -> None:
+    """Stacked horizontal bars on ``ax``: seconds per epoch in forward, backward and update, per row."""
+    names = [r["label"] for r in rows]
     left = [0.0] * len(rows)
     for phase in PHASES:
         values = [r["phases_s"][phase] for r in rows]
@@ -262,8 +313,44 @@ def plot_train(rows: Sequence[Row], path: Path, title: str) -> None:
         left = [a + b for a, b in zip(left, values)]
     ax.invert_yaxis()
     ax.set(xlabel="seconds per epoch (median)", title=title)
-    ax.legend()
+    below = offset_copy(ax.transAxes, fig=ax.figure, y=-36, units="points")  # under the x label, whatever the height
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=len(PHASES), frameon=False)
     ax.grid(alpha=0.3, axis="x")
+
+
+def plot_train(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Stacked bars: seconds per epoch in forward, backward and update, per method."""
+    fig, axes = new_figure(figsize=(6, 0.8 + 0.6 * len(rows)))
+    draw_phase_bars(axes[0][0], rows, title)
+    save_figure(fig, path)
+
+
+def plot_parse(rows: Sequence[Row], path: Path, title: str) -> None:
+    """Left: the parser's seconds per training epoch by phase, per method. Right: decoding speed on dev
+    (sentences per second, median with p20-p80 whiskers) of the dense and the simplified parser."""
+    train = [r for r in rows if r.get("kind") == "train"]
+    decode = [r for r in rows if r.get("kind") == "decode"]
+    panels = [p for p in (train, decode) if p]
+    fig, axes = new_figure(1, len(panels), figsize=(5.5 * len(panels), 1.2 + 0.6 * max(map(len, panels))))
+    column = 0
+    if train:
+        draw_phase_bars(axes[0][column], train, "training")
+        column += 1
+    if decode:
+        ax = axes[0][column]
+        names = [f"{r['label']} ({r['hidden']} hidden)" for r in decode]
+        speeds = [r["sentences_per_s"] for r in decode]
+        whiskers = [[s - r["sentences_per_s_p20"] for s, r in zip(speeds, decode)],
+                    [r["sentences_per_s_p80"] - s for s, r in zip(speeds, decode)]]
+        bars = ax.barh(names, speeds, xerr=whiskers, color="tab:purple", capsize=4)
+        ax.bar_label(bars, labels=[f"{r['speedup']:.2f}x over dense" for r in decode], label_type="center",
+                     color="white")
+        ax.invert_yaxis()
+        ax.set(xlabel="dev sentences per second (median, p20-p80)",
+               title=f"decoding {decode[0]['sentences']} {decode[0]['split']} sentences")
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(title)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -278,6 +365,11 @@ def draw_plots(doc: dict[str, Any], json_path: str | Path) -> list[Path]:
     if "train" in paths:
         rows = suite_rows(doc, Suite.TRAIN)
         plot_train(rows, paths["train"], f"MNIST MLP on {device}, {rows[0]['images']} images per epoch")
+    if "parse" in paths:
+        rows = [r for r in suite_rows(doc, Suite.PARSE) if r["status"] == "ok"]
+        trained = next((r for r in rows if r.get("kind") == "train"), rows[0])
+        plot_parse(rows, paths["parse"], f"Parser on {device}: {trained['treebank']}, "
+                   f"{trained['sentences']} training sentences")
     return [p for p in paths.values() if p.exists()]
 
 

@@ -22,6 +22,7 @@ from mesimp_gpu.bench.calibrate import add_hardware_fractions, calibrate
 from mesimp_gpu.bench.common import available_backends
 from mesimp_gpu.bench.config import BenchConfig, Suite, all_cores
 from mesimp_gpu.bench.layer import run_layer_suite
+from mesimp_gpu.bench.parse import Treebank, load_treebank, run_parse_suite
 from mesimp_gpu.bench.report import draw_plots, plot_links, render
 from mesimp_gpu.bench.timing import clock_for
 from mesimp_gpu.bench.topk import run_topk_suite
@@ -60,17 +61,29 @@ def modified_files() -> list[str] | None:
     return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
 
 
-def notes_for(config: BenchConfig, device: torch.device) -> list[str]:
-    """What a reader must know to read the numbers right."""
-    notes = [f"inputs are fresh standard-normal tensors per shape; every provider is timed side by side with the "
-             f"others of its shape, {config.min_repeats}-{config.max_repeats} samples, median with p20/p80"]
-    if device.type == "cpu":
+def notes_for(config: BenchConfig, device: torch.device, treebank: Treebank | str | None = None) -> list[str]:
+    """What a reader must know to read the numbers right (``treebank``: the parse suite's, or why there is none)."""
+    notes = []
+    if Suite.LAYER in config.suites or Suite.TOPK in config.suites:
+        notes.append(f"inputs are fresh standard-normal tensors per shape; every provider is timed side by side with "
+                     f"the others of its shape, {config.min_repeats}-{config.max_repeats} samples, median with p20/p80")
+    if device.type == "cpu" and Suite.LAYER in config.suites:
         notes.append(f"layer shapes whose dense forward+backward exceeds {config.cpu_max_gflop:g} GFLOP are skipped "
                      "on CPU (a single call would take seconds)")
     if Suite.TRAIN in config.suites:
         images = "all 55,000" if config.train_limit is None else f"the first {config.train_limit}"
         notes.append(f"train suite: {images} MNIST training images, {config.train_epochs} epoch(s) per method, "
                      "methods taking turns by epoch; accuracies are those of this short run")
+    if isinstance(treebank, str):
+        notes.append(f"parse suite skipped: {treebank}")
+    elif treebank is not None:
+        sentences = len(treebank.splits["train"])
+        which = f"all {sentences}" if config.parse_limit is None else f"the first {sentences}"
+        notes.append(f"parse suite: {which} training sentences of {treebank.folder}, "
+                     f"{config.parse_epochs} epoch(s) per method (dense, meProp and meSimp at k={config.parse_k}, "
+                     f"{config.parse_hidden} hidden units), methods taking turns by epoch; scores are those of this "
+                     f"short run; decoding: {len(treebank.splits['dev'])} dev sentences, the dense and the simplified "
+                     f"parser alternating, {config.parse_decode_repeats} timed full passes each")
     load, cores = os.getloadavg()[0], all_cores()
     if device.type == "cpu" and config.thread_count > 1 and load > cores:
         notes.append(f"the machine was busy (load average {load:.1f} on {cores} cores): with {config.thread_count} "
@@ -92,6 +105,9 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
     device = resolve_device(config.device)
     if Suite.TRAIN in config.suites and data is None:
         data = load_mnist(config.data_dir)  # now: a missing data set should fail before minutes of timing
+    treebank = load_treebank(config) if Suite.PARSE in config.suites else None  # a missing one skips the suite
+    if isinstance(treebank, str):
+        log(f"the parse suite will be skipped: {treebank}")
     created = datetime.now(timezone.utc)
     path = results_path(config, created)
     with torch_threads(config.thread_count):
@@ -109,7 +125,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             "config": jsonable(config),
             "backends": list(backends),
             "skipped_backends": skipped,
-            "notes": notes_for(config, device),
+            "notes": notes_for(config, device, treebank),
         }
         doc: dict[str, Any] = {"header": header, "rows": [], "finished": False}
         clock = clock_for(device)
@@ -121,8 +137,10 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
                 doc["rows"] += run_layer_suite(config, device, backends, clock, log)
             elif suite is Suite.TOPK:
                 doc["rows"] += run_topk_suite(config, device, backends, clock, log)
-            else:
+            elif suite is Suite.TRAIN:
                 doc["rows"] += run_train_suite(config, device, data, log)
+            else:
+                doc["rows"] += run_parse_suite(config, device, treebank, clock, log)
             write_json(path, doc)
         if "calibration" in header:
             add_hardware_fractions(doc["rows"], header["calibration"])

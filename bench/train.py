@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from mesimp_gpu.data.mnist import Mnist
 from mesimp_gpu.optim import PAPER_LR
 from mesimp_gpu.train.records import PHASES
 from mesimp_gpu.train.mnist import Method, MnistConfig, train_mnist
+
+T = TypeVar("T")
 
 #: training images of the full MNIST training split (dev excluded), for the per-epoch extrapolation
 FULL_TRAIN_IMAGES = 55_000
@@ -49,43 +51,70 @@ def label(method: Method, lazy: bool) -> str:
     return f"{method.value} --lazy" if lazy else method.value
 
 
+def take_turns(names: Sequence[str], epochs: int, train_to: Callable[[str, int], T]) -> dict[str, T]:
+    """Train every run of ``names`` to epoch 1, then every one to epoch 2, and so on; the last result per run.
+
+    ``train_to(name, epoch)`` trains run ``name`` until it has done ``epoch`` epochs, continuing its
+    checkpoint when ``epoch > 1``. Taking turns spreads a change in machine load over all the runs
+    alike. The trainers' epoch lines go to stderr: stdout carries the report.
+    """
+    finished: dict[str, T] = {}
+    for epoch in range(1, epochs + 1):
+        for name in names:
+            with contextlib.redirect_stdout(sys.stderr):
+                finished[name] = train_to(name, epoch)
+    return finished
+
+
+def epoch_fields(epoch_seconds: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Row fields of a run's per-epoch phase seconds (a trainer's ``epoch_seconds``): the median epoch with
+    its spread, the median of each phase, and the whole run."""
+    totals = [sum(e[p] for p in PHASES) for e in epoch_seconds]  # seconds per epoch, all phases
+    stats = summarize(totals)
+    return {"status": "ok", "median_s": stats.median, "p20_s": stats.p20, "p80_s": stats.p80, "run_s": sum(totals),
+            "repeats": stats.repeats,
+            "phases_s": {p: float(np.median([e[p] for e in epoch_seconds])) for p in PHASES}}
+
+
+def add_speedups(rows: Sequence[dict[str, Any]]) -> None:
+    """Speedups of every row over the first (the dense baseline): per epoch, whole run and backward phase."""
+    dense = rows[0]
+    for r in rows:
+        r["speedup"] = dense["median_s"] / r["median_s"]  # per epoch (median)
+        r["run_speedup"] = dense["run_s"] / r["run_s"]  # all epochs: meSimp's shrinking counts in full
+        r["backward_speedup"] = dense["phases_s"]["backward"] / r["phases_s"]["backward"]
+
+
 def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
                     log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Train each method briefly, taking turns by epoch; one row per method: median epoch, phase split, accuracy."""
     backend = get_backend("auto", device).name
     images = len(data.train) if config.train_limit is None else min(config.train_limit, len(data.train))
-    finished: dict[str, tuple[MnistConfig, dict[str, Any]]] = {}
+    runs = {label(method, lazy): (method, k, lazy) for method, k, lazy in methods(config)}
     with tempfile.TemporaryDirectory(prefix="mesimp-bench-") as tmp:
-        for epoch in range(1, config.train_epochs + 1):
-            for method, k, lazy in methods(config):
-                name = label(method, lazy)
-                settings = MnistConfig(method=method, k=k, lazy=lazy, optimizer=config.train_optimizer,
-                                       lr=PAPER_LR[config.train_optimizer], epochs=epoch, device=config.device,
-                                       backend=backend, out=str(Path(tmp) / name.replace(" ", "")),
-                                       limit=config.train_limit, seed=config.seed + 1, progress=False)
-                log(f"train mnist {name} (k={k}): epoch {epoch}/{config.train_epochs} on {images} images")
-                with contextlib.redirect_stdout(sys.stderr):  # the trainer's epoch lines; stdout carries the tables
-                    finished[name] = settings, train_mnist(settings, resume=epoch > 1, data=data)
+
+        def train_to(name: str, epoch: int) -> tuple[MnistConfig, dict[str, Any]]:
+            method, k, lazy = runs[name]
+            settings = MnistConfig(method=method, k=k, lazy=lazy, optimizer=config.train_optimizer,
+                                   lr=PAPER_LR[config.train_optimizer], epochs=epoch, device=config.device,
+                                   backend=backend, out=str(Path(tmp) / name.replace(" ", "")),
+                                   limit=config.train_limit, seed=config.seed + 1, progress=False)
+            log(f"train mnist {name} (k={k}): epoch {epoch}/{config.train_epochs} on {images} images")
+            return settings, train_mnist(settings, resume=epoch > 1, data=data)
+
+        finished = take_turns(list(runs), config.train_epochs, train_to)
     rows: list[dict[str, Any]] = []
     for name, (settings, results) in finished.items():
         method = settings.method
-        epochs = results["epoch_seconds"]
-        totals = [sum(e[p] for p in PHASES) for e in epochs]  # seconds per epoch, all phases
-        stats = summarize(totals)
+        timing = epoch_fields(results["epoch_seconds"])
         final = results["final"]
         rows.append(row(
             Suite.TRAIN, Provider.DENSE if method is Method.DENSE else Provider.TOPK, backend,
             method=method.value, lazy=settings.lazy, label=name, batch=settings.batch_size, width=settings.hidden,
             layers=settings.layers, optimizer=settings.optimizer.value, lr=settings.lr,
             k=None if method is Method.DENSE else settings.k, images=images, epochs=config.train_epochs,
-            status="ok", median_s=stats.median, p20_s=stats.p20, p80_s=stats.p80, run_s=sum(totals),
-            repeats=stats.repeats, phases_s={p: float(np.median([e[p] for e in epochs])) for p in PHASES},
-            full_epoch_s=stats.median * FULL_TRAIN_IMAGES / images,
+            **timing, full_epoch_s=timing["median_s"] * FULL_TRAIN_IMAGES / images,
             test_acc=final["test_acc_at_best_dev"], dev_acc=final["best_dev_acc"], sizes=final["sizes"],
         ))
-    dense = rows[0]
-    for r in rows:
-        r["speedup"] = dense["median_s"] / r["median_s"]  # per epoch (median)
-        r["run_speedup"] = dense["run_s"] / r["run_s"]  # all epochs: meSimp's shrinking counts in full
-        r["backward_speedup"] = dense["phases_s"]["backward"] / r["phases_s"]["backward"]
+    add_speedups(rows)
     return rows

@@ -5,7 +5,9 @@ No test looks at how fast anything is: timings on a shared CI machine mean nothi
 
 from __future__ import annotations
 
+import gzip
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ from mesimp_gpu.bench.calibrate import add_hardware_fractions
 from mesimp_gpu.bench.common import available_backends, check_fields, relative_error
 from mesimp_gpu.bench.config import QUICK, BenchConfig, Pass, Provider, Suite, make_config
 from mesimp_gpu.bench.report import load, markdown_table, plot_links, plot_paths, render, report_file
+from mesimp_gpu.bench.parse import UD_ENV, load_treebank
 from mesimp_gpu.bench.runner import run_bench
+from mesimp_gpu.bench.train import take_turns
 from mesimp_gpu.bench.layer import Candidate, Oracle, check, meprop_layer
 from mesimp_gpu.bench.timing import CpuClock, measure, rounds_for, speedup, summarize
 from mesimp_gpu.bench.topk import mismatch
@@ -26,11 +30,17 @@ from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 HAS_CUDA = torch.cuda.is_available()
 
 
+#: the suites that need no treebank
+NO_TREEBANK = (Suite.LAYER, Suite.TOPK, Suite.TRAIN)
+
+
 def tiny_config(tmp_path, **changes) -> BenchConfig:
-    """Every suite on shapes that take milliseconds; one sample per provider."""
-    settings = dict(batches=(4,), widths=(32,), ks=(3,), k_fraction=1 / 8, warmup=1, min_repeats=2, max_repeats=2,
-                    budget_s=1e-3, min_sample_s=1e-5, train_limit=100, train_epochs=2, threads=1,
-                    out_dir=str(tmp_path))
+    """Every suite on shapes that take milliseconds; one sample per provider; a parser of 24 hidden units on 60
+    sentences (the parse suite only runs where a test names a treebank: ``ud_dir`` points nowhere otherwise)."""
+    settings = dict(suites=NO_TREEBANK, batches=(4,), widths=(32,), ks=(3,), k_fraction=1 / 8, warmup=1,
+                    min_repeats=2, max_repeats=2, budget_s=1e-3, min_sample_s=1e-5, train_limit=100, train_epochs=2,
+                    parse_limit=60, parse_epochs=1, parse_k=4, parse_hidden=24, parse_decode_repeats=2,
+                    ud_dir=str(tmp_path / "no-treebank-here"), threads=1, out_dir=str(tmp_path))
     return make_config(**{**settings, **changes})
 
 
@@ -103,11 +113,15 @@ def test_layer_ks_and_presets():
     quick = make_config(quick=True, batches=[7, 7, 3], threads=None)
     assert quick.quick and quick.batches == (7, 3) and quick.widths == QUICK["widths"]
     assert make_config().batches == (10, 100, 1024)
+    assert Suite.PARSE in BenchConfig().suites and BenchConfig().parse_limit is None  # all of the treebank
+    assert make_config(quick=True).parse_limit == QUICK["parse_limit"] and make_config(quick=True).parse_epochs == 1
     assert BenchConfig(threads=0).thread_count >= 1
 
 
 @pytest.mark.parametrize("changes", [dict(batches=(0,)), dict(ks=()), dict(threads=-1), dict(min_repeats=0),
-                                     dict(min_repeats=5, max_repeats=2), dict(k_fraction=1.0), dict(suites=())])
+                                     dict(min_repeats=5, max_repeats=2), dict(k_fraction=1.0), dict(suites=()),
+                                     dict(parse_limit=0), dict(parse_epochs=0), dict(parse_decode_repeats=0),
+                                     dict(parse_k=30, parse_hidden=20)])
 def test_bad_config_is_rejected(changes):
     with pytest.raises(ValueError):
         BenchConfig(**changes)
@@ -159,7 +173,7 @@ def test_harness_runs_writes_and_redraws(tmp_path):
     assert saved["header"]["threads"] == 1 and saved["header"]["command"] == "mesimp-gpu bench (test)"
     assert {"torch"} <= set(saved["header"]["backends"])
     rows = saved["rows"]
-    assert {r["suite"] for r in rows} == {s.value for s in Suite}
+    assert {r["suite"] for r in rows} == {s.value for s in NO_TREEBANK}
 
     layer = [r for r in rows if r["suite"] == Suite.LAYER.value]
     labels = {r["label"] for r in layer}
@@ -220,6 +234,120 @@ def test_memory_limit_and_cpu_flop_cap_skip_with_reasons(tmp_path):
     assert "skipped" in render(doc)
 
 
+# --- the parse suite -------------------------------------------------------------------------------
+
+
+def test_take_turns_goes_epoch_by_epoch_and_keeps_the_last_result():
+    calls: list[tuple[str, int]] = []
+
+    def train_to(name: str, epoch: int) -> str:
+        calls.append((name, epoch))
+        return f"{name}@{epoch}"
+
+    assert take_turns(["a", "b", "c"], 2, train_to) == {"a": "a@2", "b": "b@2", "c": "c@2"}
+    assert calls == [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2)]
+
+
+@pytest.fixture(scope="module")
+def parse_run(ud_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The parse suite once on 60 training sentences of UD English EWT (100 dev and test), 24 hidden units,
+    two epochs (the second continues each run's checkpoint)."""
+    tmp = tmp_path_factory.mktemp("bench-parse")
+    config = tiny_config(tmp, suites=(Suite.PARSE,), ud_dir=str(ud_dir), parse_epochs=2)
+    return run_bench(config, command="mesimp-gpu bench (parse test)", log=lambda line: None)
+
+
+def test_parse_suite_trains_three_methods_and_times_both_decoders(parse_run):
+    path, doc = parse_run
+    rows = load(path)["rows"]
+    assert all(r["suite"] == Suite.PARSE.value and r["status"] == "ok" for r in rows)
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["label"] for r in train] == ["dense", "meprop", "mesimp"]
+    assert [r["k"] for r in train] == [None, 4, 4] and all(r["hidden"] == 24 for r in train)
+    for r in train:
+        assert r["sentences"] == 60 and r["dev_sentences"] == r["test_sentences"] == 100
+        assert r["transitions"] > 0 and r["epochs"] == 2 and r["repeats"] == 2  # one sample per epoch
+        assert set(r["phases_s"]) == {"forward", "backward", "update"} and all(v > 0 for v in r["phases_s"].values())
+        assert r["p20_s"] <= r["median_s"] <= r["p80_s"] and r["run_s"] == pytest.approx(2 * r["median_s"])
+        assert r["speedup"] > 0 and r["run_speedup"] > 0 and r["backward_speedup"] > 0
+        assert 0 <= r["test_las"] <= r["test_uas"] <= 100 and 0 <= r["test_las_no_punct"] <= r["test_uas_no_punct"]
+        assert 1 <= r["kept_at_best_dev"] <= 24 and 1 <= r["kept"] <= r["kept_at_best_dev"]
+    assert train[0]["speedup"] == train[0]["run_speedup"] == train[0]["backward_speedup"] == 1.0
+    dense_backward, meprop_backward = (r["phases_s"]["backward"] for r in train[:2])
+    assert train[1]["backward_speedup"] == pytest.approx(dense_backward / meprop_backward)
+    assert train[0]["kept"] == train[1]["kept"] == 24, "only meSimp prunes"
+    assert train[2]["kept"] < 24, "meSimp removed hidden units"
+    assert train[0]["provider"] == Provider.DENSE.value and train[2]["provider"] == Provider.TOPK.value
+
+    decode = [r for r in rows if r["kind"] == "decode"]
+    assert [r["label"] for r in decode] == ["dense parser", "mesimp parser"]
+    assert [r["provider"] for r in decode] == [Provider.DENSE.value, Provider.SIMPLIFIED.value]
+    dense, simplified = decode
+    assert dense["hidden"] == 24 and simplified["hidden"] == train[2]["kept_at_best_dev"] < 24
+    assert simplified["parameters"] < dense["parameters"]
+    for r in decode:
+        assert r["split"] == "dev" and r["sentences"] == 100 and r["words"] > r["sentences"]
+        assert r["repeats"] == 2 and r["p20_s"] <= r["median_s"] <= r["p80_s"]
+        assert r["sentences_per_s_p20"] <= r["sentences_per_s"] <= r["sentences_per_s_p80"]
+        assert r["sentences_per_s"] == pytest.approx(100 / r["median_s"])
+        assert r["check_passed"], r  # the timed model is the one the trainer scored (same dev UAS)
+    assert dense["speedup"] == 1.0
+    assert simplified["speedup"] == pytest.approx(dense["median_s"] / simplified["median_s"])
+    assert any(n.startswith("parse suite: the first 60 training sentences") for n in doc["header"]["notes"])
+
+
+def test_parse_report_renders_the_tables_and_redraws_the_plot(parse_run):
+    path, _ = parse_run
+    saved = load(path)
+    plots = plot_paths(path, saved)
+    assert list(plots) == ["parse"] and plots["parse"].is_file()
+    plots["parse"].unlink()
+    text = report_file(path)
+    assert plots["parse"].stat().st_size > 0
+    assert text == render(saved, plot_links(saved, path))
+    assert "## Parsing: transition parser on ud-english-ewt" in text and "### Decoding" in text
+    assert "| dense parser | 24 |" in text and "| mesimp parser |" in text and "| meprop | 4 |" in text
+    assert f"]({plots['parse'].name})" in text
+    next(r for r in saved["rows"] if r["label"] == "mesimp parser")["check_passed"] = False
+    assert "mesimp parser ✗" in render(saved)
+
+
+def test_parse_suite_without_a_treebank_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.delenv(UD_ENV, raising=False)
+    reason = load_treebank(tiny_config(tmp_path, ud_dir=None))
+    assert isinstance(reason, str) and reason.startswith("no treebank given") and "--ud-dir" in reason
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "x-train.conllu").write_text("1\tA\ta\tX\tX\t_\t0\troot\t_\t_\n\n")
+    monkeypatch.setenv(UD_ENV, str(half))  # the environment variable is read when no --ud-dir is given
+    reason = load_treebank(tiny_config(tmp_path, ud_dir=None))
+    assert isinstance(reason, str) and str(half) in reason and "*dev.conllu" in reason and UD_ENV in reason
+
+    path, doc = run_bench(tiny_config(tmp_path, suites=(Suite.PARSE,)), log=lambda line: None)
+    [row] = doc["rows"]
+    assert row["status"] == "skipped" and "no-treebank-here" in row["reason"] and "--ud-dir" in row["reason"]
+    assert any(n.startswith("parse suite skipped:") for n in doc["header"]["notes"])
+    assert not plot_paths(path, doc)
+    assert "## Parsing\n\nSkipped: no usable treebank" in render(doc)
+
+
+def test_cli_parse_options_reach_the_config(tmp_path):
+    gz = tmp_path / "tb"
+    gz.mkdir()
+    for split in ("train", "dev"):  # no test file: skipped, and fast
+        with gzip.open(gz / f"en-{split}.conllu.gz", "wt") as f:
+            f.write("1\tA\ta\tX\tX\t_\t0\troot\t_\t_\n\n")
+    result = CliRunner().invoke(app, ["bench", "--suite", "parse", "--ud-dir", str(gz), "--parse-limit", "7",
+                                      "--parse-epochs", "3", "--parse-k", "5", "--parse-hidden", "9",
+                                      "--parse-decode-repeats", "4", "--threads", "1", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Skipped: no usable treebank" in result.output and "*test.conllu" in result.output
+    [saved] = tmp_path.glob("bench-cpu-*.json")
+    config = load(saved)["header"]["config"]
+    assert (config["parse_limit"], config["parse_epochs"], config["parse_k"], config["parse_hidden"],
+            config["parse_decode_repeats"], config["ud_dir"]) == (7, 3, 5, 9, 4, str(gz))
+
+
 def test_markdown_table():
     assert markdown_table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
 
@@ -236,7 +364,8 @@ def test_cli_cuda_without_cuda_is_a_one_line_error(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args", [["--batch", "0"], ["--report", "missing.json"], ["--threads", "-2"]])
+@pytest.mark.parametrize("args", [["--batch", "0"], ["--report", "missing.json"], ["--threads", "-2"],
+                                  ["--parse-k", "600"]])
 def test_cli_bad_arguments_exit_2(tmp_path, args):
     result = CliRunner().invoke(app, ["bench", "--out-dir", str(tmp_path), *args])
     assert result.exit_code == 2

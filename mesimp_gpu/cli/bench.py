@@ -42,6 +42,17 @@ def bench_command(
                                                             "learning rate (Adam 0.001, AdaGrad 0.1, SGD 0.1). "
                                                             f"Default: {_BENCH.train_optimizer.value}."),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (train suite)."),
+    parse_limit: Optional[int] = typer.Option(None, help="Parse suite: first N training sentences only (dev and test: "
+                                              "max(N // 10, 100)). Default: all (12,544 in UD English EWT)."),
+    parse_epochs: Optional[int] = typer.Option(None, help=f"Parse suite epochs. Default: {_BENCH.parse_epochs}."),
+    parse_k: Optional[int] = typer.Option(None, help=f"Parse suite k of meProp and meSimp. Default: {_BENCH.parse_k}."),
+    parse_hidden: Optional[int] = typer.Option(None, help="Parse suite hidden units. "
+                                               f"Default: {_BENCH.parse_hidden}."),
+    parse_decode_repeats: Optional[int] = typer.Option(None, help="Parse suite: timed passes over dev per parser. "
+                                                       f"Default: {_BENCH.parse_decode_repeats}."),
+    ud_dir: Optional[Path] = typer.Option(None, help="Parse suite treebank: a folder with *train/*dev/*test.conllu"
+                                          "[.gz] (default: $MESIMP_UD_DIR; without one the suite is skipped). On all "
+                                          "of UD English EWT the suite takes about 15-20 minutes on a 2-core CPU."),
     out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
     seed: Optional[int] = typer.Option(None, help=f"Seed of the inputs. Default: {_BENCH.seed}."),
     report: Optional[Path] = typer.Option(None, help="Redraw tables and plots of a saved results file; runs nothing."),
@@ -63,6 +74,9 @@ def bench_command(
             k_fraction=k_fraction, cpu_max_gflop=cpu_max_gflop, memory_limit_gib=memory_limit_gib, warmup=warmup,
             min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, min_sample_s=min_sample_s,
             train_limit=train_limit, train_epochs=train_epochs, train_k=train_k, mesimp_k=mesimp_k,
-            train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None, out_dir=str(out_dir) if out_dir else None, seed=seed,
+            train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None,
+            parse_limit=parse_limit, parse_epochs=parse_epochs, parse_k=parse_k, parse_hidden=parse_hidden,
+            parse_decode_repeats=parse_decode_repeats, ud_dir=str(ud_dir) if ud_dir else None,
+            out_dir=str(out_dir) if out_dir else None, seed=seed,
         )
         run_main(config, shlex.join(["mesimp-gpu", *sys.argv[1:]]))
