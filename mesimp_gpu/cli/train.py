@@ -221,8 +221,8 @@ def train_parse_command(
     k: int = typer.Option(_parse_default("k"), help="Hidden-layer gradient entries kept per transition (papers: 20)."),
     hidden: int = typer.Option(_parse_default("hidden"), help="Hidden units (the papers: 500)."),
     dim: int = typer.Option(_parse_default("dim"), help="Embedding size of words, tags and labels."),
-    activation: Activation = typer.Option(_parse_default("activation"), help="Hidden activation: relu, or cube "
-                                          "(Chen & Manning)."),
+    activation: Activation = typer.Option(_parse_default("activation"), help="Hidden activation: cube (Chen & "
+                                          "Manning) or relu."),
     dropout: float = typer.Option(_parse_default("dropout"), help="Dropout on the hidden layer's output."),
     input_dropout: float = typer.Option(_parse_default("input_dropout"), help="Dropout on the concatenated "
                                         "embeddings."),
@@ -265,7 +265,7 @@ def train_parse_command(
     """Train the transition parser (an MLP over 48 features, meProp/meSimp on its hidden layer) on a CoNLL-U
     treebank; prints test UAS/LAS at the best dev score.
 
-    Default: meSimp with 500 ReLU units, k 20, Adam, 2 epochs (minutes on 2 CPU cores on UD English EWT).
+    Default: meSimp with 500 cube units, k 20, Adam, 2 epochs (minutes on 2 CPU cores on UD English EWT).
     """
     from mesimp_gpu.train.parse import parse_config, summary_line, train_parse
 

@@ -48,7 +48,7 @@ class ParserShape:
     outputs: int  # transitions, 2L + 1
     hidden: int = 500  # hidden units (shrinks under meSimp)
     dim: int = 50  # embedding size of words, tags and labels
-    activation: Activation = Activation.RELU
+    activation: Activation = Activation.CUBE
     dropout: float = 0.5  # on the hidden layer's output, in training
     input_dropout: float = 0.0  # on the concatenated embeddings, in training
 
