@@ -60,3 +60,11 @@ def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "MNIST not found" in result.output and "Traceback" not in result.output
+
+
+def test_a_diverging_loss_stops_the_run_with_a_clear_error(tmp_path: Path, mnist_dir: Path) -> None:
+    result = runner.invoke(app, ["train", "mnist", "--method", "dense", "--optimizer", "sgd", "--lr", "1e12",
+                                 "--clip", "0", "--limit", "300", "--epochs", "1", "--no-progress",
+                                 "--data-dir", str(mnist_dir), "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "training loss became nan" in result.output and "--lr" in result.output

@@ -3,6 +3,7 @@ best-dev tracking, checkpoints that resume exactly, and the results document's c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -112,7 +113,10 @@ class Trainer:
                 clip_elementwise(self.model.parameters(), self.config.clip)
             self.optimizer.step()
         self.step += 1
-        return float(loss.detach())
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(f"the training loss became {value} at update step {self.step}; lower --lr or set --clip")
+        return value
 
     def step_postfix(self, bar: tqdm | None, loss: float) -> None:
         """Advance the bar by one step and show the loss (and the best dev score once there is one)."""
