@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from mesimp_gpu.cli.errors import user_errors
-from mesimp_gpu.cli.options import device_option
+from mesimp_gpu.cli.options import device_option, field_default
 from mesimp_gpu.models.mlp import MLP_FORMAT
 from mesimp_gpu.models.tagger import TAGGER_FORMAT
 from mesimp_gpu.train.evaluate import EvaluateConfig, evaluate
@@ -20,7 +20,7 @@ def evaluate_command(
                                         "on."),
     data_dir: Optional[Path] = typer.Option(None, help="MNIST model: folder with the four MNIST IDX files. Default: "
                                             "$MESIMP_DATA_DIR, then the cache, then download."),
-    device: str = device_option(EvaluateConfig.__dataclass_fields__["device"].default),
+    device: str = device_option(field_default(EvaluateConfig, "device")),
 ) -> None:
     """Score a saved model: an MNIST MLP (dense or meSimp-shrunk) on the 10,000 test images, a tagger or a parser
     on --data."""

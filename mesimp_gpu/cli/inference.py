@@ -8,10 +8,8 @@ from pathlib import Path
 import typer
 
 from mesimp_gpu.cli.errors import user_errors
-from mesimp_gpu.cli.options import device_option
+from mesimp_gpu.cli.options import device_option, field_default
 from mesimp_gpu.train.inference import DECODE_BATCH, TAG_BATCH, ApplyConfig, parse_file, tag_file
-
-_APPLY = ApplyConfig.__dataclass_fields__
 
 
 def output_option() -> typer.models.OptionInfo:
@@ -23,7 +21,7 @@ def tag_command(
     model: Path = typer.Argument(..., help="A run folder of `train pos` (or its model.json)."),
     input: Path = typer.Argument(..., help="CoNLL-U file to tag (plain or gzip); its FORM column is read."),
     output: Path = output_option(),
-    device: str = device_option(_APPLY["device"].default),
+    device: str = device_option(field_default(ApplyConfig, "device")),
     batch_size: int = typer.Option(TAG_BATCH, help="Sentences tagged together."),
 ) -> None:
     """Tag a CoNLL-U file with a saved tagger (into the XPOS or UPOS column it was trained on); prints tokens/s."""
@@ -37,7 +35,7 @@ def parse_command(
     model: Path = typer.Argument(..., help="A run folder of `train parse` (or its model.json)."),
     input: Path = typer.Argument(..., help="CoNLL-U file to parse (plain or gzip); its FORM and tag columns are read."),
     output: Path = output_option(),
-    device: str = device_option(_APPLY["device"].default),
+    device: str = device_option(field_default(ApplyConfig, "device")),
     batch_size: int = typer.Option(DECODE_BATCH, help="Sentences parsed together."),
 ) -> None:
     """Parse a CoNLL-U file with a saved parser (predicted HEAD and DEPREL); prints sentences per second."""

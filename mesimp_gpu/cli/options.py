@@ -5,12 +5,18 @@ Each maker takes the command's default (the field default of its config dataclas
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import typer
 
 from mesimp_gpu.backends import BACKEND_NAMES
 from mesimp_gpu.cli.errors import check_backend
+
+
+def field_default(config_class: type, name: str) -> Any:
+    """The default of field ``name`` of a config dataclass: a command's option defaults are its config's."""
+    return next(f.default for f in fields(config_class) if f.name == name)
 
 
 def prune_option(default: float) -> Any:

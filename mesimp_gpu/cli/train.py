@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -15,6 +15,7 @@ from mesimp_gpu.cli.options import (
     clip_option,
     cycle_option,
     device_option,
+    field_default,
     lr_option,
     nonzero_hits_option,
     optimizer_option,
@@ -123,11 +124,8 @@ def train_mnist_command(
 
 
 
-_POS = PosConfig.__dataclass_fields__  # CLI defaults = config defaults
-
-
-def _pos_default(name: str):
-    return _POS[name].default
+def _pos_default(name: str) -> Any:
+    return field_default(PosConfig, name)
 
 
 @train_app.command("pos")
@@ -201,11 +199,8 @@ def train_pos_command(
     )
 
 
-_PARSE = ParseConfig.__dataclass_fields__  # CLI defaults = config defaults
-
-
-def _parse_default(name: str):
-    return _PARSE[name].default
+def _parse_default(name: str) -> Any:
+    return field_default(ParseConfig, name)
 
 
 @train_app.command("parse")

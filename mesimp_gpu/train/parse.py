@@ -41,7 +41,7 @@ from mesimp_gpu.train.inference import DECODE_BATCH, LoadedTagger
 from mesimp_gpu.train.records import PHASES
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
-from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, load_splits
+from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, given_or_loaded
 
 @dataclass(frozen=True)
 class ParseConfig:
@@ -139,11 +139,7 @@ class ParseTrainer(Trainer):
         self, config: ParseConfig, splits: dict[str, list[Sentence]] | None = None, hooks: tuple[PieceHook, ...] = ()
     ) -> None:
         super().__init__(config, hooks)
-        if splits is None:
-            splits, paths = load_splits(config, require_trees=True)
-            self.sources = {s: str(p) for s, p in paths.items()}
-        else:
-            self.sources = {s: "<given>" for s in SPLITS}
+        splits, self.sources = given_or_loaded(config, splits, require_trees=True)
         self.tagging: dict[str, Any] = {}
         if config.tagger is not None:
             splits = self.predicted_tags(splits, config.tagger)

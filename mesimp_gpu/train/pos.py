@@ -43,7 +43,7 @@ from mesimp_gpu.models.tagger import Tagger, save_tagger
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
-from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, load_splits
+from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, given_or_loaded
 
 EVAL_BATCH = 256  # sentences per evaluation batch (no gradients, so memory is small)
 
@@ -120,11 +120,7 @@ class PosTrainer(Trainer):
     ) -> None:
         super().__init__(config, hooks)
         c = config
-        if splits is None:
-            splits, paths = load_splits(c)
-            self.sources = {s: str(p) for s, p in paths.items()}
-        else:
-            self.sources = {s: "<given>" for s in SPLITS}
+        splits, self.sources = given_or_loaded(c, splits)
         self.vocab = TaggingVocab.build(splits["train"], c.tagset)
         self.data: dict[str, list[EncodedSentence]] = {s: [self.vocab.encode(x) for x in splits[s]] for s in SPLITS}
         self.counts = word_counts(self.vocab.words).to(self.device)

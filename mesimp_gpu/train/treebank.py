@@ -56,3 +56,13 @@ def load_splits(config: Any, require_trees: bool = False) -> tuple[dict[str, lis
         if not sentences:
             raise ValueError(f"{paths[split]}: the {split} file holds no sentences")
     return splits, paths
+
+
+def given_or_loaded(
+    config: Any, splits: dict[str, list[Sentence]] | None, require_trees: bool = False
+) -> tuple[dict[str, list[Sentence]], dict[str, str]]:
+    """``splits`` as given (sources ``<given>``), or read as ``config`` says -> (splits, source of each split)."""
+    if splits is not None:
+        return splits, dict.fromkeys(SPLITS, "<given>")
+    loaded, paths = load_splits(config, require_trees)
+    return loaded, {split: str(path) for split, path in paths.items()}
