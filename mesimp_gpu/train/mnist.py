@@ -18,7 +18,7 @@ with the same settings (in ``out/same-size``), the paper's comparison.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.plots import plot_simplification
 from mesimp_gpu.train.records import PHASES, accuracy
-from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
+from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings, with_preset
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
 
 INPUT_SIZE, CLASSES = 784, 10
@@ -109,11 +109,7 @@ PRESETS: dict[Preset, dict[str, Any]] = {
 
 def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
     """An :class:`MnistConfig` from ``preset`` (if any) with ``settings`` on top; unknown names are errors."""
-    known = {f.name for f in fields(MnistConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown MNIST settings: {', '.join(unknown)}")
-    return MnistConfig(**{**(PRESETS[preset] if preset else {}), **settings})
+    return with_preset(MnistConfig, PRESETS[preset] if preset else {}, settings, "MNIST")
 
 
 #: settings that may differ between a run and its resumption (a run folder may be moved, too)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,7 +39,7 @@ from mesimp_gpu.parsing.scoring import ParseScores, attachment_scores
 from mesimp_gpu.plots import plot_simplification
 from mesimp_gpu.train.inference import DECODE_BATCH, LoadedTagger
 from mesimp_gpu.train.records import PHASES
-from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings
+from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings, with_preset
 from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
 from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, given_or_loaded
 
@@ -117,11 +117,7 @@ PRESETS: dict[Preset, dict[str, Any]] = {
 
 def parse_config(preset: Preset | None = None, **settings: Any) -> ParseConfig:
     """A :class:`ParseConfig` from ``preset`` (if any) with ``settings`` on top; unknown names are errors."""
-    known = {f.name for f in fields(ParseConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown parser settings: {', '.join(unknown)}")
-    return ParseConfig(**{**(PRESETS[preset] if preset else {}), **settings})
+    return with_preset(ParseConfig, PRESETS[preset] if preset else {}, settings, "parser")
 
 
 #: settings that may differ between a run and its resumption

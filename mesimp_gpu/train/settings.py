@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import enum
 import random
-from typing import Any
+from dataclasses import fields
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from mesimp_gpu.meprop import MePropMode
 from mesimp_gpu.mesimp import MesimpSchedule
+
+Config = TypeVar("Config")
 
 
 class Method(str, enum.Enum):
@@ -73,6 +76,14 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
 def mesimp_schedule(config: Any) -> MesimpSchedule:
     """The meSimp schedule of a trainer config (its ``prune``, ``cycle`` and ``reset_moments`` fields)."""
     return MesimpSchedule(config.prune, config.cycle, config.reset_moments)
+
+
+def with_preset(config_class: type[Config], preset: dict[str, Any], settings: dict[str, Any], task: str) -> Config:
+    """``config_class`` built from ``preset``'s settings with ``settings`` on top; unknown names are errors."""
+    unknown = sorted(set(settings) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise ValueError(f"unknown {task} settings: {', '.join(unknown)}")
+    return config_class(**{**preset, **settings})
 
 
 def seed_everything(seed: int) -> None:
