@@ -19,36 +19,14 @@ import torch
 
 from mesimp_gpu.backends import BackendUnavailable, get_backend
 from mesimp_gpu.backends import cupy_logic as logic
-from mesimp_gpu.backends.reference import ReferenceBackend
+from reference import REF, assert_close_to_reference, gradient, tolerance
 
-REF = ReferenceBackend()
-
-#: dtype -> (atol, rtol) for float32 products against the float64 reference
-TOL: dict[np.dtype, tuple[float, float]] = {np.dtype(np.float32): (1e-5, 1e-5)}
-
-
-def make_g(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
-    """``random`` normal, ``ties`` small integers (ties and zeros), ``sparse`` mostly zero with an all-zero row."""
-    if kind == "random":
-        g = rng.standard_normal((rows, cols))
-    elif kind == "ties":
-        g = rng.integers(-3, 4, (rows, cols)).astype(np.float64)
-    elif kind == "sparse":
-        g = rng.standard_normal((rows, cols)) * (rng.random((rows, cols)) < 0.1)
-        g[0] = 0.0
-    else:
-        raise ValueError(kind)
-    return g.astype(np.float32)
+F32 = torch.float32
 
 
 @pytest.fixture
 def rng(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
-
-
-def assert_close(actual: np.ndarray, expected: torch.Tensor | np.ndarray) -> None:
-    atol, rtol = TOL[np.dtype(np.float32)]
-    np.testing.assert_allclose(actual.astype(np.float64), np.asarray(expected, dtype=np.float64), atol=atol, rtol=rtol)
 
 
 def reference_idx(g: np.ndarray, k: int) -> np.ndarray:
@@ -57,7 +35,7 @@ def reference_idx(g: np.ndarray, k: int) -> np.ndarray:
 
 @pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(5, 37, 20, 7), (1, 9, 3, 9), (16, 40, 130, 5)])
 def test_products_match_reference(rng: np.random.Generator, rows: int, cols: int, n_in: int, k: int) -> None:
-    g = make_g(rng, rows, cols, "random")
+    g = gradient(rows, cols, "random").numpy()  # the seed fixture seeds torch's RNG, rng NumPy's
     x = rng.standard_normal((rows, n_in)).astype(np.float32)
     weight = rng.standard_normal((cols, n_in)).astype(np.float32)
     idx = reference_idx(g, k)
@@ -65,21 +43,21 @@ def test_products_match_reference(rng: np.random.Generator, rows: int, cols: int
     edx, edw = REF.sparse_backward(
         torch.from_numpy(g), torch.from_numpy(idx), torch.from_numpy(x), torch.from_numpy(weight)
     )
-    assert_close(logic.sparse_dx(np, vals, idx, weight), edx)
+    assert_close_to_reference(logic.sparse_dx(np, vals, idx, weight), edx, F32)
     start = rng.standard_normal((cols, n_in)).astype(np.float32)
     dw = start.copy()
     logic.accumulate_dw(np, vals, idx, x, dw)
-    assert_close(dw, start.astype(np.float64) + edw.double().numpy())
+    assert_close_to_reference(dw, start.astype(np.float64) + edw.double().numpy(), F32)
     untouched = np.setdiff1d(np.arange(cols), idx)
     np.testing.assert_array_equal(dw[untouched], start[untouched])  # rows no example kept are not written
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "sparse"])
-def test_column_scores(rng: np.random.Generator, kind: str) -> None:
-    g = make_g(rng, 13, 70, kind)
+def test_column_scores(seed: int, kind: str) -> None:
+    g = gradient(13, 70, kind).numpy()
     scores = logic.column_scores(np, g)
     assert scores.dtype == np.float32 and scores.shape == (70,)
-    assert_close(scores, np.abs(g.astype(np.float64)).sum(axis=0))
+    assert_close_to_reference(scores, np.abs(g.astype(np.float64)).sum(axis=0), F32)
 
 
 def test_kth_kernel_compiles_with_nvcc(tmp_path: Path) -> None:
@@ -126,9 +104,9 @@ def test_gpu_cupy_backend_matches_reference(seed: int, rows: int, cols: int, n_i
     assert torch.equal(idx, eidx)
     assert torch.equal(hits, torch.bincount(eidx.reshape(-1), minlength=cols))
     edx, edw = REF.sparse_backward(g, eidx, x, weight)
-    scale = k**0.5
-    torch.testing.assert_close(dx, edx, atol=1e-4 * scale, rtol=1e-4)
-    torch.testing.assert_close(dw, edw, atol=1e-4 * scale, rtol=1e-4)
+    assert_close_to_reference(dx, edx, F32, terms=k, gpu=True)
+    # dW sums over the rows, but this test was written with atol per sqrt(k): kept until a GPU run measures it
+    assert_close_to_reference(dw, edw, F32, terms=k, gpu=True)
     none, dw_alone, idx_alone = backend.topk_backward(g, x, weight, k, need_dx=False)
     assert none is None and torch.equal(idx_alone, idx) and torch.equal(dw_alone, dw)
     assert backend.sparse_backward(g, eidx, x, weight, need_dx=False)[0] is None
@@ -138,8 +116,8 @@ def test_gpu_cupy_backend_matches_reference(seed: int, rows: int, cols: int, n_i
     chosen = torch.zeros(cols, dtype=torch.bool, device="cuda").index_fill_(0, cols_sel, True)
     assert int(chosen.sum()) == k and bool((cols_sel[1:] > cols_sel[:-1]).all())
     if k < cols:  # float32 column sums may reorder near-equal scores, nothing more
-        assert float(scores[chosen].min()) >= float(scores[~chosen].max()) * (1 - 1e-4)
+        assert float(scores[chosen].min()) >= float(scores[~chosen].max()) * (1 - tolerance(F32, gpu=True)[1])
     assert not bool(udw[~chosen].any())
     g_s = g[:, cols_sel].double()
-    torch.testing.assert_close(udx.double(), g_s @ weight[cols_sel].double(), atol=1e-4 * scale, rtol=1e-4)
-    torch.testing.assert_close(udw[cols_sel].double(), g_s.t() @ x.double(), atol=1e-4 * rows**0.5, rtol=1e-4)
+    assert_close_to_reference(udx, g_s @ weight[cols_sel].double(), F32, terms=k, gpu=True)
+    assert_close_to_reference(udw[cols_sel], g_s.t() @ x.double(), F32, terms=rows, gpu=True)

@@ -14,8 +14,9 @@ from mesimp_gpu.backends.reference import topk_mask
 from mesimp_gpu.lazy_optim import LazyAdagrad, LazySGD
 from mesimp_gpu.lstm import GATES, GateSelection, HitCounting, MePropLSTM
 from mesimp_gpu.meprop import MePropConfig, MePropMode, random_indices
+from reference import assert_close_to_reference
 
-F64_TOL = {"atol": 1e-10, "rtol": 1e-10}
+F64 = torch.float64
 
 
 def reference_gate_mask(
@@ -138,10 +139,10 @@ def test_gradients_match_masked_reference(
     for out, block in zip(outs, weights.transpose(0, 1).split(hidden, dim=2)):
         (out * block).sum().backward()
 
-    torch.testing.assert_close(x_ours.grad, x_ref.grad.transpose(0, 1), **F64_TOL)
+    assert_close_to_reference(x_ours.grad, x_ref.grad.transpose(0, 1), F64)
     for d, params, kept in zip(lstm.directions, ref_params, kept_masks):
         for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
-            torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
+            assert_close_to_reference(ours.grad, ref.grad, F64)
         touched = torch.cat(kept).view(-1, GATES, hidden).amax(dim=1)  # any gate of the unit kept
         assert d.hits.tolist() == touched.sum(dim=0).long().tolist()
         assert d.refer == int(lengths.sum())
@@ -167,8 +168,8 @@ def test_mask_with_holes_carries_state(seed: int, bidirectional: bool) -> None:
         out = reference_direction(x_ref, mask.t(), *params, d.reverse, MePropMode.TOPK, k, GateSelection.ALL, [])
         (out * block).sum().backward()
         for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
-            torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
-    torch.testing.assert_close(x_ours.grad, x_ref.grad.transpose(0, 1), **F64_TOL)
+            assert_close_to_reference(ours.grad, ref.grad, F64)
+    assert_close_to_reference(x_ours.grad, x_ref.grad.transpose(0, 1), F64)
 
 
 @pytest.mark.parametrize("selection", list(GateSelection))
@@ -186,7 +187,7 @@ def test_sparse_bias_uses_kept_entries_only(seed: int, selection: GateSelection)
                               sparse_bias=True)
     (out * weights.transpose(0, 1)).sum().backward()
     for ours, ref in zip((d.weight_ih, d.weight_hh, d.bias), params):
-        torch.testing.assert_close(ours.grad, ref.grad, **F64_TOL)
+        assert_close_to_reference(ours.grad, ref.grad, F64)
 
 
 @pytest.mark.parametrize("k", [12, 16])  # 16 = 4H: the dense path
@@ -243,13 +244,12 @@ def test_full_k_equals_nn_lstm(seed: int, bidirectional: bool, selection: GateSe
     (out1 * weights).sum().backward()
     (out2 * weights).sum().backward()
 
-    tol = {"atol": 1e-12, "rtol": 1e-12}
-    torch.testing.assert_close(out1, out2, **tol)
-    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    assert_close_to_reference(out1, out2, F64)
+    assert_close_to_reference(x1.grad, x2.grad, F64)
     for suffix, d in zip(("", "_reverse"), lstm.directions):
-        torch.testing.assert_close(d.weight_ih.grad, getattr(torch_lstm, f"weight_ih_l0{suffix}").grad, **tol)
-        torch.testing.assert_close(d.weight_hh.grad, getattr(torch_lstm, f"weight_hh_l0{suffix}").grad, **tol)
-        torch.testing.assert_close(d.bias.grad, getattr(torch_lstm, f"bias_ih_l0{suffix}").grad, **tol)
+        assert_close_to_reference(d.weight_ih.grad, getattr(torch_lstm, f"weight_ih_l0{suffix}").grad, F64)
+        assert_close_to_reference(d.weight_hh.grad, getattr(torch_lstm, f"weight_hh_l0{suffix}").grad, F64)
+        assert_close_to_reference(d.bias.grad, getattr(torch_lstm, f"bias_ih_l0{suffix}").grad, F64)
 
 
 @pytest.mark.parametrize("selection", list(GateSelection))
@@ -329,7 +329,7 @@ def test_lazy_optimizers_train_the_lstm_like_dense_ones(seed: int, backend: str,
                 nn.utils.clip_grad_value_(lstm.parameters(), 1.0)
             opt.step()
     for a, b in zip(lstms[0].parameters(), lstms[1].parameters()):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+        assert_close_to_reference(a, b, F64)
 
 
 def test_input_without_gradient(seed: int) -> None:
@@ -375,10 +375,9 @@ def test_prune_keeps_surviving_outputs(seed: int, bidirectional: bool) -> None:
     lstm.prune_units_(keeps, head, optimizer)
     assert lstm.output_size == int(sum(k.sum() for k in keeps)) == head.in_features == head.weight.shape[1]
     with torch.no_grad():
-        torch.testing.assert_close(head(lstm(x, lengths=lengths)), masked_head(masked_lstm(x, lengths=lengths)),
-                                   atol=1e-12, rtol=1e-12)
+        assert_close_to_reference(head(lstm(x, lengths=lengths)), masked_head(masked_lstm(x, lengths=lengths)), F64)
         full = masked_lstm(x, lengths=lengths)
-        torch.testing.assert_close(lstm(x, lengths=lengths), full[:, :, torch.cat(keeps)], atol=1e-12, rtol=1e-12)
+        assert_close_to_reference(lstm(x, lengths=lengths), full[:, :, torch.cat(keeps)], F64)
 
     rows = keeps[-1].repeat(GATES)
     state = optimizer.state[lstm.directions[-1].weight_hh]

@@ -10,10 +10,9 @@ from mesimp_gpu.backends import REGISTRY, BackendUnavailable, InvalidGradientErr
 from mesimp_gpu.backends.reference import topk_mask
 from mesimp_gpu.backends.torch_backend import threshold_indices
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
+from reference import assert_close_to_reference, assert_valid_selection, gradient, with_ties
 
 BACKENDS = [name for name in REGISTRY if name != "reference"]
-#: (dtype, atol, rtol) of a float32 backend against the float64 reference
-TOLERANCE = (torch.float32, 1e-5, 1e-5)
 SHAPES = [(1, 7, 5), (6, 13, 9), (16, 37, 11)]  # (batch, in, out)
 
 
@@ -22,18 +21,6 @@ def backend_or_skip(name: str):
         return load_backend(name)
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
-
-
-def with_ties(g: torch.Tensor) -> torch.Tensor:
-    """Plant exact ties and zeros: row 0 constant magnitude with alternating signs, row 1 mostly zero."""
-    g = g.clone()
-    g[0] = torch.where(torch.arange(g.shape[1]) % 2 == 0, 0.5, -0.5)
-    if g.shape[0] > 1:
-        g[1] = 0.0
-        g[1, -1] = 2.0
-    if g.shape[0] > 2:
-        g[2, ::3] = 1.25  # repeated values among random ones
-    return g
 
 
 def grads(layer: MePropLinear, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -69,10 +56,8 @@ def test_gradients_match_reference(backend, mode, shape, k, sparse_bias, seed) -
     got = grads(layer, x, g)
     torch.manual_seed(seed + 1)
     want = grads(ref, x.double(), g.double())
-    _, atol, rtol = TOLERANCE
-    for name, a, b in zip(("dx", "dW", "db"), got, want):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a.double(), b, atol=atol, rtol=rtol, msg=f"{name} differs (seed {seed})")
+    for name, a, b in zip(("dx", "dW", "db"), got, want):  # a float32 layer against its float64 twin
+        assert_close_to_reference(a, b, torch.float32, msg=f"{name} differs (seed {seed})")
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -98,30 +83,9 @@ def test_selection_invariants(backend, k, seed) -> None:
     impl = backend_or_skip(backend)
     g = with_ties(torch.randn(9, 12))
     idx = impl.topk_indices(g, k)
-    assert idx.shape == (9, k) and idx.dtype == torch.int64
-    assert bool((idx[:, 1:] > idx[:, :-1]).all()), "indices must be strictly ascending per row"
+    assert_valid_selection(g, idx, k)
     kept = torch.zeros_like(g, dtype=torch.bool).scatter_(1, idx, True)
-    a = g.abs()
-    low_kept = torch.where(kept, a, torch.inf).min(dim=1).values
-    high_dropped = torch.where(kept, -torch.inf, a).max(dim=1).values
-    assert bool((low_kept >= high_dropped).all()), "a dropped entry outranks a kept one"
     assert torch.equal(kept, topk_mask(g, k)), "tie order differs from the reference (lower index first)"
-
-
-def gradient_of_kind(rows: int, cols: int, kind: str) -> torch.Tensor:
-    """``random`` normal, ``ties`` small integers (ties and zeros), ``sparse`` mostly zero with an all-zero
-    row, ``tiny`` subnormals, signed zeros and +-x pairs (equal magnitudes)."""
-    if kind == "random":
-        return torch.randn(rows, cols)
-    if kind == "ties":
-        return torch.randint(-3, 4, (rows, cols)).float()
-    if kind == "sparse":
-        g = torch.randn(rows, cols) * (torch.rand(rows, cols) < 0.1)
-        g[0] = 0.0
-        return g
-    if kind == "tiny":
-        return torch.tensor([1e-40, -1e-40, 2e-45, -0.0, 0.0, 1e-38, -1e-38])[torch.randint(0, 7, (rows, cols))]
-    raise ValueError(kind)
 
 
 @pytest.mark.parametrize("kind", ["random", "ties", "sparse", "tiny"])
@@ -132,7 +96,7 @@ def gradient_of_kind(rows: int, cols: int, kind: str) -> torch.Tensor:
 def test_tie_fill_with_a_supplied_threshold(seed, rows: int, cols: int, k: int, kind: str, dtype) -> None:
     """The shared tie-fill given the k-th largest float32 magnitude, as the CuPy backend's kernel finds it
     (on float32 magnitudes whatever the gradient's dtype): the reference's selection on those magnitudes."""
-    g = gradient_of_kind(rows, cols, kind).to(dtype)
+    g = gradient(rows, cols, kind, dtype)
     a = g.float().abs()
     kth = a.sort(dim=1, descending=True).values[:, k - 1 : k]  # (B, 1): the kernel's exact threshold
     idx = threshold_indices(a, kth, k)
