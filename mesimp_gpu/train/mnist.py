@@ -27,15 +27,13 @@ from torch import nn
 from tqdm import tqdm
 
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
-from mesimp_gpu.io import write_json
 from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
-from mesimp_gpu.plots import plot_simplification
 from mesimp_gpu.train.records import PHASES, accuracy
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings, with_preset
-from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
+from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds, run_with_baseline
 
 INPUT_SIZE, CLASSES = 784, 10
 
@@ -221,22 +219,10 @@ def train_mnist(config: MnistConfig, resume: bool = False, data: Mnist | None = 
     With ``compare_same_size`` the results gain ``same_size``: the final metrics of the dense
     same-size baseline (resumed too when its checkpoint exists), and the plots show both runs.
     """
-    trainer = MnistTrainer(config, data, hooks)
-    if resume:
-        trainer.restore()
-    results = trainer.run()
-    runs = {config.method.value: trainer.history}
+    baseline = None
     if config.compare_same_size:
-        base = MnistTrainer(same_size_config(config, results["final"]["kept"]), data)
-        if resume and base.checkpoint_path.is_file():
-            base.restore()
-        results["same_size"] = {"out": str(base.out), **base.run()["final"]}
-        runs["dense, same size from scratch"] = base.history
-        write_json(trainer.out / "results.json", results)
-    if config.method is Method.MESIMP:
-        plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png", "MNIST, meSimp",
-                            initial=config.sizes[1:-1])
-    return results
+        baseline = lambda kept: MnistTrainer(same_size_config(config, kept), data)  # noqa: E731
+    return run_with_baseline(MnistTrainer(config, data, hooks), resume, baseline, config.sizes[1:-1])
 
 
 def summary_table(results: dict[str, Any]) -> str:

@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from mesimp_gpu.data.conllu import Sentence, TagSet, word_dropout
-from mesimp_gpu.io import write_json
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.mesimp import MomentReset
 from mesimp_gpu.models.parser import Activation, Parser, ParserShape, save_parser
@@ -36,11 +35,10 @@ from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.parsing.decode import parse_sentences
 from mesimp_gpu.parsing.features import N_WORD_FEATURES, ParserVocab, training_examples
 from mesimp_gpu.parsing.scoring import ParseScores, attachment_scores
-from mesimp_gpu.plots import plot_simplification
 from mesimp_gpu.train.inference import DECODE_BATCH, LoadedTagger
 from mesimp_gpu.train.records import PHASES
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings, with_preset
-from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds
+from mesimp_gpu.train.trainer import PieceHook, Trainer, chunk_bounds, run_with_baseline
 from mesimp_gpu.train.treebank import SPLITS, check_treebank_settings, given_or_loaded
 
 @dataclass(frozen=True)
@@ -297,21 +295,10 @@ def train_parse(config: ParseConfig, resume: bool = False, splits: dict[str, lis
     With ``compare_same_size`` the results gain ``same_size``, the final metrics of the dense baseline.
     """
     trainer = ParseTrainer(config, splits, hooks)
-    if resume:
-        trainer.restore()
-    results = trainer.run()
-    runs = {config.method.value: trainer.history}
+    baseline = None
     if config.compare_same_size:
-        base = ParseTrainer(same_size_config(config, results["final"]["kept"]), trainer.sentences)
-        if resume and base.checkpoint_path.is_file():
-            base.restore()
-        results["same_size"] = {"out": str(base.out), **base.run()["final"]}
-        runs["dense, same size from scratch"] = base.history
-        write_json(trainer.out / "results.json", results)
-    if config.method is Method.MESIMP:
-        plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png",
-                            "Parsing, meSimp", initial=[config.hidden])
-    return results
+        baseline = lambda kept: ParseTrainer(same_size_config(config, kept[0]), trainer.sentences)  # noqa: E731
+    return run_with_baseline(trainer, resume, baseline, [config.hidden])
 
 
 def summary_line(results: dict[str, Any]) -> str:

@@ -15,7 +15,7 @@ from mesimp_gpu.backends import get_backend
 from mesimp_gpu.io import write_json
 from mesimp_gpu.machine import describe
 from mesimp_gpu.optim import build_optimizer, clip_elementwise
-from mesimp_gpu.plots import plot_history
+from mesimp_gpu.plots import plot_history, plot_simplification
 from mesimp_gpu.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mesimp_gpu.train.records import PHASES, BestTracker, PhaseTimer, jsonable
 from mesimp_gpu.train.settings import Method, mesimp_schedule, resolve_device, seed_everything
@@ -282,3 +282,30 @@ class Trainer:
         self.best = BestTracker(**state["best"])
         self.initial_params = state["initial_params"]
         set_rng_state(state["rng"])
+
+
+def run_with_baseline(
+    trainer: Trainer, resume: bool, baseline: Callable[[list[int]], Trainer] | None, initial: list[int]
+) -> dict[str, Any]:
+    """Run ``trainer`` (from its checkpoint when ``resume``); returns its results.
+
+    ``baseline`` (meSimp's ``--compare-same-size``) makes the dense trainer of the final hidden sizes; it
+    runs next (resumed too when its checkpoint exists) and its final metrics join the results as
+    ``same_size``. A meSimp run also draws its hidden sizes (from ``initial``) and dev accuracy, the
+    baseline's beside it.
+    """
+    if resume:
+        trainer.restore()
+    results = trainer.run()
+    runs = {trainer.config.method.value: trainer.history}
+    if baseline is not None:
+        base = baseline(trainer.sizes[1:-1])
+        if resume and base.checkpoint_path.is_file():
+            base.restore()
+        results["same_size"] = {"out": str(base.out), **base.run()["final"]}
+        runs["dense, same size from scratch"] = base.history
+        write_json(trainer.out / "results.json", results)
+    if trainer.config.method is Method.MESIMP:
+        plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png",
+                            f"{trainer.title}, meSimp", initial=initial)
+    return results
