@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mesimp_gpu.kernels import launch
+
 
 @triton.jit
 def gather_rows_dot(vals_row_ptr, idx_row_ptr, k, w_ptr, n_in, in_cols, BLOCK_K: tl.constexpr, BLOCK_IN: tl.constexpr):
@@ -47,17 +49,6 @@ def _meprop_dx_kernel(vals_ptr, idx_ptr, w_ptr, dx_ptr, k, n_in, BLOCK_K: tl.con
     tl.store(dx_ptr + row * n_in + in_cols, acc.to(dx_ptr.dtype.element_ty), mask=in_cols < n_in)
 
 
-def output_buffer(
-    out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, name: str
-) -> Tensor:
-    """``out`` after checking it, or a fresh uninitialised tensor (launchers' kernels write every element)."""
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"{name} must be a contiguous {dtype} {list(shape)} tensor on {device}")
-    return out
-
-
 def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
     """``dx = G_k @ weight`` from ``vals``/``idx`` (``[B, k]``) and ``weight`` (``[out, in]``) -> ``[B, in]``.
 
@@ -73,12 +64,13 @@ def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor, out: Tensor | None = No
     vals, idx, weight = vals.contiguous(), idx.contiguous(), weight.contiguous()
     batch, k = vals.shape
     n_in = weight.shape[1]
-    dx = output_buffer(out, (batch, n_in), weight.dtype, weight.device, "dx")
+    dx = launch.output_buffer(out, (batch, n_in), weight.dtype, weight.device, "dx")
     block_in = min(128, triton.next_power_of_2(n_in))
     if batch and k:
-        _meprop_dx_kernel[(batch, triton.cdiv(n_in, block_in))](
-            vals, idx, weight, dx, k, n_in, BLOCK_K=min(32, triton.next_power_of_2(k)), BLOCK_IN=block_in
-        )
+        with launch.on_device(dx):
+            _meprop_dx_kernel[(batch, triton.cdiv(n_in, block_in))](
+                vals, idx, weight, dx, k, n_in, BLOCK_K=min(32, triton.next_power_of_2(k)), BLOCK_IN=block_in
+            )
     else:
         dx.zero_()
     return dx

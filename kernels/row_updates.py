@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mesimp_gpu.kernels import launch as launching
+
 #: columns per program (4 warps: 8 elements per thread)
 MAX_BLOCK = 1024
 #: parameter dtypes the kernels update (state has the parameter's dtype; arithmetic is float32)
@@ -220,11 +222,12 @@ def sgd_rows_(
     launch = _launch(p, rows)
     if launch is None:
         return
-    _sgd_rows_kernel[(launch.programs,)](
-        p, grad, momentum_buffer if momentum else p, launch.rows, launch.width, launch.n_blocks,
-        lr, momentum, _clip_arg(clip),
-        HAS_ROWS=launch.has_rows, MOMENTUM=bool(momentum), CLIP=clip is not None, BLOCK=launch.block,
-    )
+    with launching.on_device(p):
+        _sgd_rows_kernel[(launch.programs,)](
+            p, grad, momentum_buffer if momentum else p, launch.rows, launch.width, launch.n_blocks,
+            lr, momentum, _clip_arg(clip),
+            HAS_ROWS=launch.has_rows, MOMENTUM=bool(momentum), CLIP=clip is not None, BLOCK=launch.block,
+        )
 
 
 def adam_rows_(
@@ -254,11 +257,12 @@ def adam_rows_(
     # bias corrections in float64 on the host, as torch.optim.Adam computes them from a Python step
     step_size = lr / (1.0 - beta1**step)
     sqrt_c2 = (1.0 - beta2**step) ** 0.5
-    _adam_rows_kernel[(launch.programs,)](
-        p, grad, exp_avg, exp_avg_sq, launch.rows, launch.width, launch.n_blocks,
-        beta1, beta2, eps, step_size, sqrt_c2, _clip_arg(clip),
-        HAS_ROWS=launch.has_rows, CLIP=clip is not None, BLOCK=launch.block,
-    )
+    with launching.on_device(p):
+        _adam_rows_kernel[(launch.programs,)](
+            p, grad, exp_avg, exp_avg_sq, launch.rows, launch.width, launch.n_blocks,
+            beta1, beta2, eps, step_size, sqrt_c2, _clip_arg(clip),
+            HAS_ROWS=launch.has_rows, CLIP=clip is not None, BLOCK=launch.block,
+        )
 
 
 def adagrad_rows_(
@@ -275,7 +279,8 @@ def adagrad_rows_(
     launch = _launch(p, rows)
     if launch is None:
         return
-    _adagrad_rows_kernel[(launch.programs,)](
-        p, grad, state_sum, launch.rows, launch.width, launch.n_blocks, lr, eps, _clip_arg(clip),
-        HAS_ROWS=launch.has_rows, CLIP=clip is not None, BLOCK=launch.block,
-    )
+    with launching.on_device(p):
+        _adagrad_rows_kernel[(launch.programs,)](
+            p, grad, state_sum, launch.rows, launch.width, launch.n_blocks, lr, eps, _clip_arg(clip),
+            HAS_ROWS=launch.has_rows, CLIP=clip is not None, BLOCK=launch.block,
+        )

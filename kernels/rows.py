@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mesimp_gpu.kernels import launch
+
 
 @triton.jit
 def _meprop_dw_kernel(
@@ -88,7 +90,8 @@ def meprop_dw(vals: Tensor, idx: Tensor, x: Tensor, out_features: int, dw: Tenso
         return dw
     vals_sorted, src, ptr = column_segments(vals, idx, out_features)
     block_in = min(128, triton.next_power_of_2(n_in))
-    _meprop_dw_kernel[(out_features, triton.cdiv(n_in, block_in))](
-        vals_sorted, src, ptr, x.contiguous(), dw, n_in, BLOCK_E=16, BLOCK_IN=block_in
-    )
+    with launch.on_device(dw):
+        _meprop_dw_kernel[(out_features, triton.cdiv(n_in, block_in))](
+            vals_sorted, src, ptr, x.contiguous(), dw, n_in, BLOCK_E=16, BLOCK_IN=block_in
+        )
     return dw

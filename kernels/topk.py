@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mesimp_gpu.kernels.gather import gather_rows_dot, meprop_dx, output_buffer
+from mesimp_gpu.kernels import launch
+from mesimp_gpu.kernels.gather import gather_rows_dot, meprop_dx
 
 #: rows up to this width are held in registers during the search; longer rows are streamed
 MAX_RESIDENT = 8192
@@ -64,15 +65,23 @@ def _abs_bits(row_ptr, cols, n):
 
 
 @triton.jit
-def _count_ge(row_ptr, n, cand, RESIDENT: tl.constexpr, bits_resident, BLOCK_N: tl.constexpr):
-    """Number of entries of the row whose bits are ``>= cand`` (``cand >= 1``, so padding never counts)."""
+def _count_ge(
+    row_ptr, n, cand, RESIDENT: tl.constexpr, bits_resident, BLOCK_N: tl.constexpr, STRICT: tl.constexpr = False
+):
+    """Number of entries of the row whose bits are ``>= cand`` (``> cand`` with ``STRICT``); ``cand >= 1``
+    (``>= 0`` with ``STRICT``), so the zero padding never counts.
+
+    ``STRICT`` exists because ``cand + 1`` wraps to ``INT_MIN`` in int32 when ``cand = 0x7FFFFFFF``
+    (a NaN's magnitude bits, what 0/0 gives on CUDA).
+    """
     if RESIDENT:
-        count = tl.sum((bits_resident >= cand).to(tl.int32), axis=0)
+        above = (bits_resident > cand) if STRICT else (bits_resident >= cand)
+        count = tl.sum(above.to(tl.int32), axis=0)
     else:
         per_lane = tl.zeros((BLOCK_N,), dtype=tl.int32)  # (BLOCK_N,)
         for start in range(0, n, BLOCK_N):
             bits = _abs_bits(row_ptr, start + tl.arange(0, BLOCK_N), n)  # (BLOCK_N,)
-            per_lane += (bits >= cand).to(tl.int32)
+            per_lane += ((bits > cand) if STRICT else (bits >= cand)).to(tl.int32)
         count = tl.sum(per_lane, axis=0)
     return count
 
@@ -110,9 +119,9 @@ def _topk_rows_kernel(
         count = _count_ge(row_ptr, n, cand, RESIDENT, bits_resident, BLOCK_N)
         thresh = tl.where(count >= k, cand, thresh)
 
-    # Slots left for entries equal to t once all strictly larger ones are kept (>= 1).
-    n_above = _count_ge(row_ptr, n, thresh + 1, RESIDENT, bits_resident, BLOCK_N)
-    free = k - n_above
+    # Slots left for entries equal to t once all strictly larger ones are kept (>= 1): count(>= t)
+    # less the ties, never count(>= t + 1), which wraps when t = 0x7FFFFFFF (k NaNs from 0/0 on CUDA).
+    free = k - _count_ge(row_ptr, n, thresh, RESIDENT, bits_resident, BLOCK_N, STRICT=True)
 
     out_row = row * k
     eq_seen = tl.zeros((), dtype=tl.int32)
@@ -180,31 +189,32 @@ def _launch(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     g = g.contiguous()
     batch, n = g.shape
-    vals = output_buffer(out[0], (batch, k), g.dtype, g.device, "vals")
-    idx = output_buffer(out[1], (batch, k), torch.int64, g.device, "idx")
+    vals = launch.output_buffer(out[0], (batch, k), g.dtype, g.device, "vals")
+    idx = launch.output_buffer(out[1], (batch, k), torch.int64, g.device, "idx")
     block, resident = _select_block(n, block_n)
     fuse = weight is not None
     n_in = weight.shape[1] if fuse else 1
-    dx = output_buffer(out[2], (batch, n_in), weight.dtype, g.device, "dx") if fuse else None
+    dx = launch.output_buffer(out[2], (batch, n_in), weight.dtype, g.device, "dx") if fuse else None
     if batch:
-        _topk_rows_kernel[(batch,)](
-            g,
-            vals,
-            idx,
-            hits if hits is not None else idx,
-            weight if fuse else g,
-            dx if fuse else vals,
-            n,
-            k,
-            n_in,
-            HAS_HITS=hits is not None,
-            FUSE_DX=fuse,
-            RESIDENT=resident,
-            BLOCK_N=block,
-            BLOCK_K=min(32, triton.next_power_of_2(k)),
-            BLOCK_IN=min(128, triton.next_power_of_2(n_in)),
-            num_warps=max(4, min(16, block // 512)),  # about 16 row entries per thread when resident
-        )
+        with launch.on_device(g):
+            _topk_rows_kernel[(batch,)](
+                g,
+                vals,
+                idx,
+                hits if hits is not None else idx,
+                weight if fuse else g,
+                dx if fuse else vals,
+                n,
+                k,
+                n_in,
+                HAS_HITS=hits is not None,
+                FUSE_DX=fuse,
+                RESIDENT=resident,
+                BLOCK_N=block,
+                BLOCK_K=min(32, triton.next_power_of_2(k)),
+                BLOCK_IN=min(128, triton.next_power_of_2(n_in)),
+                num_warps=max(4, min(16, block // 512)),  # about 16 row entries per thread when resident
+            )
     return vals, idx, dx
 
 

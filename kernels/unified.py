@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mesimp_gpu.kernels.gather import output_buffer
+from mesimp_gpu.kernels import launch
 
 
 @triton.jit
@@ -46,9 +46,10 @@ def column_scores(g: Tensor, out: Tensor | None = None) -> Tensor:
         raise ValueError(f"g must be 2-D [B, out], got shape {tuple(g.shape)}")
     g = g.contiguous()
     batch, n = g.shape
-    scores = output_buffer(out, (n,), torch.float32, g.device, "scores")
+    scores = launch.output_buffer(out, (n,), torch.float32, g.device, "scores")
     block_n = min(128, triton.next_power_of_2(n))
-    _column_abs_sum_kernel[(triton.cdiv(n, block_n),)](
-        g, scores, batch, n, BLOCK_B=min(32, triton.next_power_of_2(max(batch, 1))), BLOCK_N=block_n
-    )
+    with launch.on_device(g):
+        _column_abs_sum_kernel[(triton.cdiv(n, block_n),)](
+            g, scores, batch, n, BLOCK_B=min(32, triton.next_power_of_2(max(batch, 1))), BLOCK_N=block_n
+        )
     return scores

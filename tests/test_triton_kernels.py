@@ -8,6 +8,9 @@ kernels run, so an element a kernel forgets to write fails the comparison.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import Tensor
@@ -16,6 +19,7 @@ pytest.importorskip("triton")
 
 from mesimp_gpu.backends import BackendUnavailable, get_backend  # noqa: E402
 from mesimp_gpu.backends.base import InvalidGradientError  # noqa: E402
+from mesimp_gpu.kernels import gather, launch, row_updates, rows, topk, unified  # noqa: E402
 from mesimp_gpu.kernels.gather import meprop_dx  # noqa: E402
 from mesimp_gpu.kernels.row_updates import adagrad_rows_, adam_rows_, sgd_rows_  # noqa: E402
 from mesimp_gpu.kernels.rows import meprop_dw  # noqa: E402
@@ -66,6 +70,30 @@ def test_topk_select_matches_reference(seed: int, rows: int, cols: int, k: int, 
     assert torch.equal(idx.cpu(), expected)
     assert torch.equal(vals.cpu(), g.cpu().gather(1, expected))
     assert torch.equal(hits.cpu(), hits0.cpu() + torch.bincount(expected.reshape(-1), minlength=cols))
+
+
+def magnitude_bits(g: Tensor) -> Tensor:
+    """``|g|`` as float32 bit patterns (``[B, n]`` int64): how the kernels rank, NaN and inf included."""
+    return (g.float().view(torch.int32) & 0x7FFFFFFF).long()
+
+
+@pytest.mark.parametrize("block_n", [None, 16])
+@pytest.mark.parametrize("payload", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000])
+def test_topk_select_non_finite_rows_write_every_slot(seed: int, payload: int, block_n: int | None) -> None:
+    """Rows with at least ``k`` NaNs or infs (0x7FFFFFFF is what 0/0 gives on CUDA) still get ``k`` valid
+    indices, ranked by their magnitude bits: the threshold ``0x7FFFFFFF`` must not wrap in int32."""
+    rows, cols, k = 4, 37, 5
+    g = gradient(rows, cols, "random")
+    special = torch.tensor(payload - (1 << 32) if payload >= 1 << 31 else payload, dtype=torch.int32).view(F32)
+    g[0, 3:3 + k] = special  # exactly k
+    g[1, ::2] = special  # more than k
+    g[2, 7] = special  # fewer than k
+    g = g.to(DEVICE)
+    out = (poisoned((rows, k), g.dtype), poisoned((rows, k), torch.int64))
+    vals, idx = topk_select(g, k, block_n=block_n, out=out)
+    expected = REF.topk_indices(magnitude_bits(g.cpu()).double(), k)  # bits below 2^31: exact in float64
+    assert torch.equal(idx.cpu(), expected)
+    assert torch.equal(vals.cpu().view(torch.int32), g.cpu().gather(1, expected).view(torch.int32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -133,6 +161,67 @@ def test_column_scores_random(seed: int) -> None:
     g = gradient(13, 70, "random", device=DEVICE)
     scores = column_scores(g, out=poisoned((70,), torch.float32))
     assert_close_to_reference(scores, g.cpu().double().abs().sum(dim=0), F32)
+
+
+class _GuardWatch:
+    """Stands in for :func:`mesimp_gpu.kernels.launch.on_device` and for every ``*_kernel`` of the kernel
+    modules: records, for each launch, the devices whose guard was entered around it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.active: list[torch.device] = []
+        self.launches: list[tuple[str, list[torch.device]]] = []
+        monkeypatch.setattr(launch, "on_device", self.on_device)
+        for module in (gather, row_updates, rows, topk, unified):
+            for name in [n for n in vars(module) if n.endswith("_kernel") and n.startswith("_")]:
+                monkeypatch.setattr(module, name, self.watched(name, getattr(module, name)))
+
+    @contextlib.contextmanager
+    def _entered(self, device: torch.device) -> Iterator[None]:
+        self.active.append(device)
+        try:
+            yield
+        finally:
+            self.active.pop()
+
+    def on_device(self, t: Tensor) -> contextlib.AbstractContextManager[None]:
+        return self._entered(t.device)
+
+    def watched(self, name: str, kernel):
+        watch = self
+
+        class Watched:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    watch.launches.append((name, list(watch.active)))
+                    return kernel[grid](*args, **kwargs)
+
+                return run
+
+        return Watched()
+
+
+def test_every_launch_runs_under_its_tensors_device_guard(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton launches on the current device, not the tensors': each launcher must enter the guard of
+    its tensors' device around every launch (on CUDA the guard is ``torch.cuda.device``)."""
+    watch = _GuardWatch(monkeypatch)
+    g = gradient(3, 20, "random", device=DEVICE)
+    weight, x = torch.randn(20, 6, device=DEVICE), torch.randn(3, 6, device=DEVICE)
+    vals, idx = topk_select(g, 4)
+    for fuse in (True, False):
+        topk_dx(g, 4, weight, fuse=fuse)
+    meprop_dx(vals, idx, weight)
+    meprop_dw(vals, idx, x, 20)
+    column_scores(g)
+    p, grad = torch.randn(5, 4, device=DEVICE), torch.randn(5, 4, device=DEVICE)
+    rows_sel = torch.tensor([0, 3], device=DEVICE)
+    sgd_rows_(p, grad, rows_sel, 0.1)
+    adam_rows_(p, grad, rows_sel, torch.zeros_like(p), torch.zeros_like(p), 1.0, 0.01, (0.9, 0.999), 1e-8)
+    adagrad_rows_(p, grad, rows_sel, torch.zeros_like(p), 0.1, 1e-6)
+    launched = {name for name, _ in watch.launches}
+    kernels = {n for m in (gather, row_updates, rows, topk, unified) for n in vars(m) if n.endswith("_kernel")}
+    assert launched == kernels, f"kernels this test does not launch: {kernels - launched}"
+    for name, active in watch.launches:
+        assert active and active[-1] == g.device, f"{name} launched outside its tensors' device guard"
 
 
 # ------------------------------------------------------------------------------------ row updates
