@@ -19,6 +19,8 @@ import torch
 
 from mesimp_gpu.backends import BackendUnavailable, get_backend
 from mesimp_gpu.backends import cupy_logic as logic
+from mesimp_gpu.backends.base import masked_gradient
+from mesimp_gpu.backends.torch_backend import threshold_indices
 from reference import REF, assert_close_to_reference, gradient, tolerance
 
 F32 = torch.float32
@@ -31,6 +33,60 @@ def rng(seed: int) -> np.random.Generator:
 
 def reference_idx(g: np.ndarray, k: int) -> np.ndarray:
     return REF.topk_indices(torch.from_numpy(g), k).numpy()
+
+
+def logic_select(g: np.ndarray, k: int) -> np.ndarray:
+    """The backend's selection with NumPy in CuPy's place: magnitude bits, the kernel's bitwise search
+    (its NumPy twin), the torch tie-fill on the same integers."""
+    bits = logic.magnitude_bits(np, g)
+    kth = logic.kth_largest_bits(np, bits, k)
+    return threshold_indices(torch.from_numpy(bits), torch.from_numpy(kth).unsqueeze(1), k).numpy()
+
+
+def bf16_bits(t: torch.Tensor) -> np.ndarray:
+    """A bfloat16 tensor as the ``uint16`` array the backend hands CuPy."""
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "sparse", "tiny"])
+@pytest.mark.parametrize(("rows", "cols", "k"), [(5, 37, 1), (5, 37, 7), (3, 37, 37), (16, 128, 20)])
+def test_selection_matches_reference(seed: int, kind: str, rows: int, cols: int, k: int) -> None:
+    g = gradient(rows, cols, kind)
+    assert np.array_equal(logic_select(g.numpy(), k), REF.topk_indices(g, k).numpy())
+
+
+def test_float64_is_ranked_at_float64_precision(seed: int) -> None:
+    """Magnitudes equal in float32 but not in float64: the reference ranks them in float64, and every
+    row keeps exactly k (rounding the threshold to float32 but comparing in float64 kept fewer)."""
+    base = (np.abs(gradient(6, 1, "random").numpy()) + 1.0).astype(np.float64)  # float32 values, exactly
+    g = base + np.arange(40)[::-1] * 1e-12  # one float32 value per row, 40 distinct float64 ones
+    g[1] *= -1
+    assert all(len(np.unique(row.astype(np.float32))) == 1 for row in g)
+    for k in (1, 7, 40):
+        idx = logic_select(g, k)
+        assert idx.shape == (6, k)
+        assert np.array_equal(idx, REF.topk_indices(torch.from_numpy(g), k).numpy())
+        assert np.array_equal(idx, np.tile(np.arange(k), (6, 1)))  # the largest are the lowest columns here
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_selection_and_products(seed: int, dtype: torch.dtype) -> None:
+    """float16 crosses as itself, bfloat16 as its uint16 bits (CuPy has no bfloat16): both are ranked
+    exactly and multiplied in float32."""
+    g = gradient(5, 37, "random", dtype)
+    x, weight = torch.randn(5, 20).to(dtype), torch.randn(37, 20).to(dtype)
+    as_np = bf16_bits if dtype == torch.bfloat16 else (lambda t: t.numpy())
+    idx = REF.topk_indices(g, 7)
+    assert np.array_equal(logic_select(as_np(g), 7), idx.numpy())
+    vals = g.gather(1, idx)
+    g_k = masked_gradient(g, idx).double()  # the exact products of the half-precision values, in float64
+    dx = logic.sparse_dx(np, as_np(vals), idx.numpy(), as_np(weight))
+    assert_close_to_reference(dx, g_k @ weight.double(), F32)
+    dw = np.zeros((37, 20), dtype=np.float32)
+    logic.accumulate_dw(np, as_np(vals), idx.numpy(), as_np(x), dw)
+    assert_close_to_reference(dw, g_k.t() @ x.double(), F32)
+    scores = logic.column_scores(np, as_np(g))
+    assert_close_to_reference(scores, g.double().abs().sum(dim=0), F32)
 
 
 @pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(5, 37, 20, 7), (1, 9, 3, 9), (16, 40, 130, 5)])
@@ -71,9 +127,10 @@ def test_kth_kernel_compiles_with_nvcc(tmp_path: Path) -> None:
         [nvcc, "-cubin", "-arch=sm_80", "-Xptxas", "-v", "-o", str(cubin), str(src)], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    print(f"\n[nvcc] kth_largest_abs sm_80: {result.stderr.strip()}")
+    print(f"\n[nvcc] kth_largest_bits sm_80: {result.stderr.strip()}")
     assert cubin.stat().st_size > 0
-    assert b"kth_largest_abs" in cubin.read_bytes()
+    for name in logic.KTH_KERNELS.values():
+        assert name.encode() in cubin.read_bytes()
 
 
 def test_backend_unavailable_without_cupy_or_cuda() -> None:
