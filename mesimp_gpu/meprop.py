@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from mesimp_gpu import touched_rows
 from mesimp_gpu.backends import Backend, BackendCache
 from mesimp_gpu.backends.base import bincount_hits, masked_gradient
+from mesimp_gpu.mesimp import reference_hits
 from mesimp_gpu.optim import slice_parameter
 
 
@@ -135,7 +136,10 @@ class MePropLinear(nn.Module):
     With ``track_hits`` the layer keeps ``hits`` (``[out]`` int64, how often each output neuron was
     selected) and ``refer`` (examples seen) for meSimp; both count only during training. Every kept
     index is a hit, zeros included (the reference); ``config.nonzero_hits`` counts only kept entries
-    with a non-zero gradient. The backend ``config.backend`` names is resolved once per input device
+    with a non-zero gradient. With ``reference_hits`` (needs ``track_hits``) the layer also keeps
+    ``columns`` (``[out]`` int64, each live neuron's original position) and counts hits by the C#'s rule
+    instead (:func:`~mesimp_gpu.mesimp.reference_hits`, from the same output gradient; the backward
+    products are unchanged). The backend ``config.backend`` names is resolved once per input device
     and kept (assigning a new ``config`` with another backend resolves again).
     """
 
@@ -146,15 +150,19 @@ class MePropLinear(nn.Module):
         config: MePropConfig | None = None,
         bias: bool = True,
         track_hits: bool = False,
+        reference_hits: bool = False,
     ) -> None:
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"layer sizes must be positive, got {in_features} -> {out_features}")
+        if reference_hits and not track_hits:
+            raise ValueError("reference_hits counts hits: it needs track_hits=True")
         self.in_features, self.out_features = in_features, out_features
         self.config = config or MePropConfig()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.register_buffer("hits", torch.zeros(out_features, dtype=torch.long) if track_hits else None)
+        self.register_buffer("columns", torch.arange(out_features) if reference_hits else None)
         self.refer = 0
         self._backends = BackendCache()  # config.backend per input device, resolved once
         self.reset_parameters()
@@ -178,8 +186,15 @@ class MePropLinear(nn.Module):
         if recording:
             self.refer += x2.shape[0]
         backend = self._backends.resolve(self.config.backend, x.device)
-        y = MePropFunction.apply(x2, self.weight, self.bias, self.config, backend, self.hits if recording else None)
+        by_reference = recording and self.columns is not None
+        counted = self.hits if recording and not by_reference else None
+        y = MePropFunction.apply(x2, self.weight, self.bias, self.config, backend, counted)
+        if by_reference:  # the hook sees the same output gradient G as the backward pass
+            y.register_hook(self._count_reference_hits)
         return y.reshape(*lead, self.out_features)
+
+    def _count_reference_hits(self, g: Tensor) -> None:
+        self.hits += reference_hits(g, self.columns, self.config.k)
 
     def prune_outputs_(
         self, keep: Tensor, next_layer: MePropLinear, optimizer: torch.optim.Optimizer | None = None
@@ -199,6 +214,8 @@ class MePropLinear(nn.Module):
             slice_parameter(self, "bias", lambda b: b[keep], optimizer)
         if self.hits is not None:
             self.hits = self.hits[keep].clone()
+        if self.columns is not None:
+            self.columns = self.columns[keep].clone()
         slice_parameter(next_layer, "weight", lambda w: w[:, keep], optimizer)
         self.out_features = next_layer.in_features = int(keep.sum())
 

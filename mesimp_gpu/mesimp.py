@@ -12,15 +12,21 @@ would (a pruned neuron contributed nothing through the next layer's deleted colu
 
 Live columns versus the reference's masks. The reference keeps all ``out`` columns and gives a
 pruned column ``G = 0``; its top-k runs over all columns. Here the pruned columns no longer exist,
-so the top-k runs over the live columns only. The training step is the same either way: a pruned
-column can only be picked with ``G = 0``, which adds nothing to ``dx`` or ``dW``. The hit records
-differ in one corner: where an example has fewer than ``k`` non-zero live entries, the reference
-fills its set with zero columns by lowest index, pruned ones included, while here only live zero
-columns fill it. So live hits here are at least the reference's, and equal whenever every example
-has ``k`` non-zero live entries. Both stop pruning once a layer has at most ``k`` neurons (here
-exactly: ``k >= width`` is dense, so every neuron is hit by every example). With the
-``nonzero_hits`` switch (count only selected entries with ``G != 0``) the two agree exactly, and
-pruning can go on below ``k``.
+so the top-k of the backward pass runs over the live columns only. The training step is the same
+either way: a pruned column can only be picked with ``G = 0``, which adds nothing to ``dx`` or
+``dW``. Only the hit records can differ, where an example has fewer than ``k`` non-zero entries;
+:class:`HitRule` names the three ways of counting:
+
+- ``kept`` (default): every index of the live top-k set is a hit; leftover slots go to the lowest
+  live zero columns, and once a layer is no wider than ``k`` every neuron is hit by every example,
+  so pruning stops at ``k``.
+- ``nonzero``: only kept entries with ``G != 0`` count; pruning can go below ``k``.
+- ``reference``: the C#'s count (:func:`reference_hits`). Its heap (``TopNHeap.GetAbsTop``) runs
+  over the original width with pruned columns as zeros, is seeded with columns ``0..k-1`` and takes
+  a later column only for a strictly larger magnitude. So the leftover slots of a row with fewer
+  than ``k`` non-zero entries fall on zero columns among original positions ``0..k-1`` (pruned or
+  live), a live neuron at position ``k`` or above is hit only with ``G != 0``, and the layer can
+  shrink below ``k`` (the reference ends MNIST at about 147/142 with ``k = 160``).
 
 Schedule (the reference's, in epochs): cycles of ``cycle`` epochs. In even cycles (epochs
 ``0 .. cycle-1``, ``2*cycle .. 3*cycle-1``, ...) a prune step follows every chunk of training; in odd
@@ -30,12 +36,13 @@ moments (``m`` and ``v``, not the step count) are reset at every cycle boundary:
 of each cycle, the final one included, so that a run resumed with more epochs continues exactly as
 an uninterrupted one. ``cycle = 0`` prunes after every chunk of every epoch.
 
-Two deliberate differences from the reference's C# loop (``Mnist.cs``): it scores dev (and test) and
-*then* prunes, so its reported score can belong to a network that is pruned right after; here the
-prune step runs before the chunk's evaluation, so every score belongs to the network as it then
-exists. And it re-initialises Adam after *every* chunk of the last epoch of a cycle (its test is
-per epoch, inside the chunk loop); here the moments are reset once, at the boundary, as the paper
-describes, unless :attr:`MomentReset.LAST_EPOCH` asks for the C# behaviour.
+Two defaults differ from the reference's C# loop (``Mnist.cs``), each with a switch for the C#
+behaviour: it scores dev (and test) and *then* prunes, so its reported score can belong to a network
+that is pruned right after; here the prune step runs before the chunk's evaluation, so every score
+belongs to the network as it then exists (:attr:`PruneOrder.EVALUATE_FIRST` is the C# order). And it
+re-initialises Adam after *every* chunk of the last epoch of a cycle (its test is per epoch, inside
+the chunk loop); here the moments are reset once, at the boundary, as the paper describes
+(:attr:`MomentReset.LAST_EPOCH` is the C# behaviour).
 """
 
 from __future__ import annotations
@@ -58,6 +65,62 @@ class MomentReset(str, enum.Enum):
     CYCLE = "cycle"  # once, after the last chunk of each cycle (the paper)
     LAST_EPOCH = "last-epoch"  # after every chunk of each cycle's last epoch (what the C# loop does)
     NONE = "none"  # never
+
+
+class PruneOrder(str, enum.Enum):
+    """Whether a piece's prune step runs before its evaluation (every score belongs to a network that
+    exists afterwards) or after it (the C#: the score can belong to the network pruned right after)."""
+
+    PRUNE_FIRST = "prune-first"
+    EVALUATE_FIRST = "evaluate-first"
+
+
+class HitRule(str, enum.Enum):
+    """Which kept entries of an example's top-k set count as hits of their neurons (see the module docstring)."""
+
+    KEPT = "kept"  # every kept index over the live columns, zeros included
+    NONZERO = "nonzero"  # only kept entries with a non-zero gradient
+    REFERENCE = "reference"  # the C# heap over the original width, pruned columns as zeros; live picks count
+
+
+def reference_hits(g: Tensor, columns: Tensor, k: int) -> Tensor:
+    """Hits per live neuron of one backward pass under the reference's selection -> ``[w]`` int64.
+
+    ``g`` ``[B, w]`` is the output gradient of the live columns, ``columns`` ``[w]`` their original
+    positions (ascending, as pruning keeps the order); the pruned positions of the original width are
+    zeros. Per row, the selection is the ``k`` largest magnitudes of the original row, ties to the
+    lower original position: every entry above the row's ``k``-th largest magnitude ``v``, then the
+    lowest positions among the entries equal to ``v``. Where a row has fewer than ``k`` non-zero
+    entries, ``v = 0`` and the leftover slots are the lowest zero positions of the original row, all
+    among ``0..k-1``, pruned ones included; only live picks are returned.
+
+    This is the C# heap's set (seeded with ``0..k-1``, replaced only by a strictly larger magnitude)
+    for every entry whose magnitude is not ``v``, and it picks as many entries equal to ``v`` as the
+    heap does. Which of the tied entries the heap keeps depends on its internal order (for ``v = 0``:
+    which seed zeros a replacement evicts); this rule keeps the lowest positions instead. Computed on
+    the live columns only (``[B, w]`` work, no loop over rows): the rank of a live zero among the
+    original row's zeros is its position minus the non-zero entries before it.
+    """
+    if g.dim() != 2 or columns.shape != (g.shape[1],):
+        raise ValueError(f"reference_hits needs g [B, w] and columns [w], got {tuple(g.shape)} and "
+                         f"{tuple(columns.shape)}")
+    batch, width = g.shape
+    a = g.detach().abs()
+    nonzero = a != 0
+    count = nonzero.sum(dim=1, keepdim=True)  # (B, 1)
+    if width >= k:
+        kth = a.topk(k, dim=1).values[:, -1:]  # (B, 1) k-th largest live magnitude
+    else:
+        kth = a.new_zeros(batch, 1)
+    v = torch.where(count >= k, kth, torch.zeros_like(kth))  # the original row's k-th largest magnitude
+    above = a > v
+    need = k - above.sum(dim=1, keepdim=True)  # slots left for entries equal to v
+    tied = a == v
+    # 1-based rank of a tied entry among the original row's entries equal to v, by position: for v > 0
+    # only live columns can tie; for v = 0 the pruned positions before it are zeros too
+    rank = torch.where(v > 0, tied.cumsum(dim=1), columns.to(g.device) + 1 - nonzero.cumsum(dim=1))
+    picked = above | (tied & (rank <= need))
+    return picked.sum(dim=0)
 
 
 def check_threshold(threshold: float) -> None:
@@ -108,12 +171,14 @@ class MesimpSchedule:
     threshold: float = 0.1  # remove neurons with hits < floor(refer * threshold), in [0, 1)
     cycle: int = 5  # epochs per cycle; prune in even cycles; 0: prune after every piece of every epoch
     reset_moments: MomentReset = MomentReset.CYCLE  # when Adam's m and v (not t) are zeroed
+    order: PruneOrder = PruneOrder.PRUNE_FIRST  # prune before a piece's evaluation, or after it (the C#)
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
         if self.cycle < 0:
             raise ValueError(f"cycle must be at least 0, got {self.cycle}")
         object.__setattr__(self, "reset_moments", MomentReset(self.reset_moments))
+        object.__setattr__(self, "order", PruneOrder(self.order))
 
     def resets_moments(self, epoch: int, last_piece: bool) -> bool:
         """Whether the moments are reset after a piece of ``epoch`` (``last_piece``: the epoch's last one)."""

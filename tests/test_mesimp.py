@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mesimp_gpu.backends import BackendUnavailable, get_backend
 from mesimp_gpu.cli import app
 from mesimp_gpu.data.mnist import load_mnist
-from mesimp_gpu.mesimp import MomentReset, ends_cycle, prune_mask, prunes_in
+from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder, ends_cycle, prune_mask, prunes_in, reference_hits
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode
 from mesimp_gpu.models.mlp import MLP, load_mlp, save_mlp
 from mesimp_gpu.optim import OptimizerName, build_optimizer
@@ -57,6 +57,109 @@ def test_hits_when_k_covers_the_layer() -> None:
     layer.eval()
     layer(torch.randn(6, 4)).sum().backward()
     assert layer.refer == 6, "evaluation and no-grad passes do not count"
+
+
+def heap_top(row: list[float], k: int) -> set[int]:
+    """A direct port of the C#'s ``TopNHeap.GetAbsTop`` (min-heap seeded with columns 0..k-1, a later
+    column replaces the root only when strictly larger, ties between children go to the left one)."""
+    values, index = [abs(x) for x in row[:k]], list(range(k))
+
+    def shift_down(cur: int) -> None:
+        while True:
+            left, right = 2 * cur + 1, 2 * cur + 2
+            if left >= k:
+                return
+            nxt = left if right >= k else (right if values[left] > values[right] else left)
+            if values[cur] > values[nxt]:
+                values[cur], values[nxt] = values[nxt], values[cur]
+                index[cur], index[nxt] = index[nxt], index[cur]
+                cur = nxt
+            else:
+                return
+
+    for i in range(k >> 1, -1, -1):
+        shift_down(i)
+    for i in range(k, len(row)):
+        if abs(row[i]) > values[0]:
+            values[0], index[0] = abs(row[i]), i
+            shift_down(0)
+    return set(index)
+
+
+def original_rows(generator: torch.Generator, batch: int, width: int, live: int, ties: bool) -> tuple:
+    """Gradients over an original width with ``width - live`` pruned columns (zero), dead neurons (zero
+    per row) and, with ``ties``, values repeated within rows -> ``(full [B, width], columns [live])``."""
+    columns = torch.randperm(width, generator=generator)[:live].sort().values
+    full = torch.zeros(batch, width)
+    g = torch.randn(batch, live, generator=generator)
+    g[torch.rand(batch, live, generator=generator) < 0.5] = 0.0  # ReLU-dead entries
+    if ties:
+        g = (g * 2).round() / 2  # few distinct magnitudes: many ties
+    full[:, columns] = g
+    return full, columns
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("width, live, k", [(40, 40, 7), (40, 25, 12), (40, 9, 12), (31, 20, 31), (16, 3, 1)])
+def test_reference_hits_against_a_port_of_the_heap(seed: int, ties: bool, width: int, live: int, k: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    full, columns = original_rows(generator, 24, width, live, ties)
+    hits = reference_hits(full[:, columns], columns, k)
+    every = reference_hits(full, torch.arange(width), k)
+    assert torch.equal(hits, every[columns]), "live columns alone give the original row's live picks"
+    for row in full:
+        mine = set(torch.nonzero(reference_hits(row[None], torch.arange(width), k)).flatten().tolist())
+        heap = heap_top(row.tolist(), k)
+        # the rule itself: the k first of a stable sort by magnitude, ties to the lower position
+        order = torch.sort(-row.abs(), stable=True).indices[:k]
+        assert mine == set(order.tolist())
+        v = float(row.abs().sort(descending=True).values[k - 1])
+        assert {j for j in mine if abs(row[j]) != v} == {j for j in heap if abs(row[j]) != v}, \
+            "the heap's set for every magnitude but the k-th"
+        assert len(mine) == len(heap) == k
+        if v == 0:
+            assert all(j < k for j in mine | heap if row[j] == 0), "leftover slots fall on seed zeros"
+        boundary_tie = k < width and float(row.abs().sort(descending=True).values[k]) == v
+        if not boundary_tie:
+            assert mine == heap
+
+
+def test_reference_hits_on_hand_made_rows() -> None:
+    # original width 8, live positions 1, 4, 5, 6; k = 3. Row 0: two non-zeros, the leftover slot falls on
+    # the pruned position 0, not on the live zeros at 1 and 5. Row 1: one non-zero, leftover slots on 0
+    # (pruned) and 1 (live), not on the live zeros at 4 and 5. Row 2: more non-zeros than k: the top 3.
+    columns = torch.tensor([1, 4, 5, 6])
+    g = torch.tensor([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 0.0, 3.0], [1.0, -4.0, 2.0, 3.0]])
+    assert reference_hits(g, columns, 3).tolist() == [1, 2, 1, 3]
+    # a layer narrower than k still prunes: live zeros at positions >= k are never hit
+    assert reference_hits(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([0, 6, 7]), 5).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="columns"):
+        reference_hits(g, columns[:3], 3)
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_layer_with_reference_hits(backend: str, seed: int) -> None:
+    torch.manual_seed(seed)
+    config = MePropConfig(MePropMode.TOPK, 4, backend)
+    layer = MePropLinear(6, 10, config, track_hits=True, reference_hits=True).double()
+    plain = copy.deepcopy(layer)
+    plain.columns = None
+    keep = torch.tensor([True, False, True, True, False, False, True, True, False, True])
+    nxt = MePropLinear(10, 3, config)
+    layer.prune_outputs_(keep, copy.deepcopy(nxt).double())
+    plain.prune_outputs_(keep, copy.deepcopy(nxt).double())
+    assert layer.columns.tolist() == [0, 2, 3, 6, 7, 9], "each live neuron remembers its original position"
+    x = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    g = torch.randn(5, 6, dtype=torch.double)
+    g[torch.rand(5, 6) < 0.5] = 0.0
+    layer(x).backward(g)
+    dx = x.grad.clone()
+    x.grad = None
+    plain(x).backward(g)
+    assert torch.equal(dx, x.grad) and torch.equal(layer.weight.grad, plain.weight.grad), "gradients unchanged"
+    assert layer.hits.tolist() == reference_hits(g, layer.columns, 4).tolist() and layer.refer == 5
+    with pytest.raises(ValueError, match="track_hits"):
+        MePropLinear(6, 10, config, reference_hits=True)
 
 
 def test_prune_rule_on_hand_made_hits() -> None:
@@ -256,6 +359,25 @@ def test_moment_resets_after_every_chunk_of_a_cycles_last_epoch(tmp_path: Path, 
     assert all((h["moment_mass"] == 0) == h["moments_reset"] for h in history)
 
 
+def test_evaluate_first_scores_the_network_before_its_prune_step(tmp_path: Path, mnist) -> None:
+    config = tiny(tmp_path, epochs=2, order=PruneOrder.EVALUATE_FIRST, hits=HitRule.REFERENCE)
+    history = train_mnist(config, data=mnist)["history"]
+    assert history[0]["sizes"] == [784, 24, 24, 10], "the first evaluation precedes the first prune step"
+    assert history[0]["pruned"] and history[1]["sizes"] != history[0]["sizes"]
+    first = train_mnist(tiny(tmp_path / "prune-first", epochs=2, hits=HitRule.REFERENCE), data=mnist)["history"]
+    assert first[0]["sizes"] == history[1]["sizes"], "same training, the scores are taken one prune step apart"
+
+
+def test_reference_hits_prune_below_k(tmp_path: Path, mnist) -> None:
+    """Once a layer is no wider than k the project's rule hits every neuron every time; the C#'s does not."""
+    settings = dict(k=12, prune=0.5, epochs=2, cycle=0)
+    kept = train_mnist(tiny(tmp_path / "kept", **settings), data=mnist)["history"]
+    reference = train_mnist(tiny(tmp_path / "ref", **settings, hits=HitRule.REFERENCE), data=mnist)["history"]
+    for before, after in zip(kept, kept[1:]):
+        assert all(b == a for b, a in zip(before["sizes"], after["sizes"]) if b <= 12), "kept: pruning stops at k"
+    assert max(reference[-1]["sizes"][1:-1]) < 12
+
+
 def test_resume_of_a_shrunk_run_continues_exactly(tmp_path: Path, mnist) -> None:
     full = train_mnist(tiny(tmp_path / "full", epochs=3), data=mnist)
     train_mnist(tiny(tmp_path / "cut", epochs=2), data=mnist)  # cut after the fixed epoch: a full record
@@ -284,8 +406,11 @@ def test_paper_preset_is_the_reference() -> None:
     c = mnist_config(Preset.PAPER)
     assert (c.method, c.k, c.prune, c.batch_size, c.epochs, c.chunks, c.cycle, c.reset_moments) == \
         (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, MomentReset.CYCLE)
-    assert (c.sizes, c.optimizer, c.lr, c.clip, c.grad_sum, c.nonzero_hits) == \
-        ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, False)
+    assert (c.sizes, c.optimizer, c.lr, c.clip, c.grad_sum, c.hits, c.order) == \
+        ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, HitRule.KEPT, PruneOrder.PRUNE_FIRST)
+    r = mnist_config(Preset.REFERENCE)
+    assert (r.hits, r.reset_moments, r.order) == (HitRule.REFERENCE, MomentReset.LAST_EPOCH, PruneOrder.EVALUATE_FIRST)
+    assert (r.k, r.epochs, r.cycle, r.chunks, r.batch_size, r.sizes) == (160, 20, 5, 8, 100, [784, 500, 500, 10])
     assert mnist_config(Preset.PAPER, epochs=3).epochs == 3
     with pytest.raises(ValueError, match="unknown MNIST settings: bogus"):
         mnist_config(Preset.PAPER, bogus=1)

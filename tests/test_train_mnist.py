@@ -78,7 +78,7 @@ def test_resume_without_checkpoint_or_with_corrupt_one(tmp_path: Path, mnist) ->
         (dict(k=0), "--k must be at least 1"),
         (dict(hidden=-3), "--hidden must be at least 1"),
         (dict(k=600, hidden=500), "exceeds the hidden width"),
-        (dict(lr=0.0), "--lr must be positive"),
+        (dict(lr=0.0), "--lr must be a? ?positive"),
         (dict(limit=0), "--limit must be at least 1"),
     ],
 )

@@ -28,7 +28,7 @@ from mesimp_gpu.cli.options import (
 )
 from mesimp_gpu.data.conllu import TagSet
 from mesimp_gpu.lstm import GateSelection, HitCounting
-from mesimp_gpu.mesimp import MomentReset
+from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.models.parser import Activation
 from mesimp_gpu.train.mnist import MnistConfig, Preset, mnist_config
@@ -55,9 +55,11 @@ def parse_widths(text: Optional[str]) -> Optional[tuple[int, ...]]:
 @train_app.command("mnist")
 def train_mnist_command(
     ctx: typer.Context,
-    preset: Optional[Preset] = typer.Option(None, help="paper: exactly the meSimp reference (k 160, prune 0.1, batch "
-                                            "100, 20 epochs, 8 chunks, cycles of 5 epochs, moment resets); options "
-                                            "given explicitly override it."),
+    preset: Optional[Preset] = typer.Option(None, help="paper: the meSimp paper's settings (k 160, prune 0.1, batch "
+                                            "100, 20 epochs, 8 chunks, cycles of 5 epochs, moment resets); "
+                                            "reference: exactly what the authors' C# program does (its hit rule, "
+                                            "moment resets and order of evaluation and pruning); options given "
+                                            "explicitly override it."),
     method: Method = typer.Option(_DEFAULT.method, help="mesimp: top-k back propagation plus prune steps that shrink "
                                   "the network; dense: full back propagation; meprop: per-example top-k (the paper); "
                                   "unified: one top-k set per minibatch; random: k random columns."),
@@ -82,7 +84,13 @@ def train_mnist_command(
     prune: float = prune_option(_DEFAULT.prune),
     cycle: int = cycle_option(_DEFAULT.cycle),
     reset_moments: MomentReset = reset_moments_option(_DEFAULT.reset_moments),
-    nonzero_hits: bool = nonzero_hits_option(_DEFAULT.nonzero_hits),
+    hits: HitRule = typer.Option(_DEFAULT.hits, help="meSimp: which kept entries count as hits: kept: every index "
+                                 "of the top-k over the live neurons; nonzero: only non-zero gradients; reference: "
+                                 "the C#'s heap over the original width, pruned neurons as zeros (it can prune below "
+                                 "k)."),
+    order: PruneOrder = typer.Option(_DEFAULT.order, help="meSimp: prune before each piece's evaluation "
+                                     "(prune-first: every score belongs to a network that exists) or after it "
+                                     "(evaluate-first: the C#)."),
     compare_same_size: bool = typer.Option(_DEFAULT.compare_same_size, help="meSimp: afterwards train a dense MLP "
                                            "of the final sizes from scratch with the same budget and report both."),
     seed: int = seed_option(_DEFAULT.seed),
@@ -109,7 +117,7 @@ def train_mnist_command(
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy, grad_sum=grad_sum,
-            chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits,
+            chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, hits=hits, order=order,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
         )

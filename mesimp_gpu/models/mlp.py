@@ -21,7 +21,8 @@ class MLP(nn.Module):
     """``sizes = [in, h1, ..., hL, classes]``; hidden layers use ``config``, the output layer is dense.
 
     Input ``[B, in]`` -> logits ``[B, classes]``. ``meprop_output`` applies ``config`` to the output
-    layer too (the papers back-propagate it fully). ``track_hits`` records meSimp hits on hidden layers.
+    layer too (the papers back-propagate it fully). ``track_hits`` records meSimp hits on hidden layers,
+    by the C#'s rule with ``reference_hits`` (:func:`~mesimp_gpu.mesimp.reference_hits`).
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class MLP(nn.Module):
         config: MePropConfig,
         meprop_output: bool = False,
         track_hits: bool = False,
+        reference_hits: bool = False,
     ) -> None:
         super().__init__()
         if len(sizes) < 2 or any(s < 1 for s in sizes):
@@ -42,6 +44,7 @@ class MLP(nn.Module):
                 sizes[i + 1],
                 config if (i < last or meprop_output) else dense,
                 track_hits=track_hits and i < last,
+                reference_hits=reference_hits and track_hits and i < last,
             )
             for i in range(len(sizes) - 1)
         )

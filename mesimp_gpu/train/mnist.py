@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
-from mesimp_gpu.mesimp import MomentReset
+from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.models.mlp import MLP, save_mlp
 from mesimp_gpu.optim import OptimizerName
@@ -59,7 +59,8 @@ class MnistConfig:
     prune: float = 0.1  # meSimp: remove neurons with hits < floor(refer * prune), in [0, 1)
     cycle: int = 1  # meSimp: epochs per cycle, prune in even cycles (reference 5); 0: prune always
     reset_moments: MomentReset = MomentReset.CYCLE  # meSimp: when Adam's m and v (not t) are zeroed
-    nonzero_hits: bool = False  # meSimp: count only selected non-zero gradients as hits (reference: all)
+    hits: HitRule = HitRule.KEPT  # meSimp: which kept entries count as hits (reference: the C#'s heap rule)
+    order: PruneOrder = PruneOrder.PRUNE_FIRST  # meSimp: prune before a piece's evaluation, or after (the C#)
     compare_same_size: bool = False  # meSimp: then train a dense MLP of the final sizes from scratch
     seed: int = 1  # seeds initialisation, shuffling and random selection
     device: str = "cpu"  # cpu, cuda or cuda:N
@@ -92,7 +93,8 @@ class MnistConfig:
 class Preset(str, enum.Enum):
     """Named sets of settings for ``train mnist --preset``."""
 
-    PAPER = "paper"  # the meSimp reference (C# code, MNIST): every setting below
+    PAPER = "paper"  # the meSimp paper's settings (C# code, MNIST), its network at the end is the one measured
+    REFERENCE = "reference"  # exactly what the C# program does: its hit rule, moment resets and order
 
 
 #: preset -> settings; options given explicitly on the command line override them
@@ -100,9 +102,11 @@ PRESETS: dict[Preset, dict[str, Any]] = {
     Preset.PAPER: dict(
         method=Method.MESIMP, k=160, hidden=500, layers=2, hidden_sizes=None, epochs=20, batch_size=100,
         optimizer=OptimizerName.ADAM, lr=1e-3, clip=5.0, grad_sum=True, chunks=8, prune=0.1, cycle=5,
-        reset_moments=MomentReset.CYCLE, nonzero_hits=False,
+        reset_moments=MomentReset.CYCLE, hits=HitRule.KEPT, order=PruneOrder.PRUNE_FIRST,
     ),
 }
+PRESETS[Preset.REFERENCE] = {**PRESETS[Preset.PAPER], "reset_moments": MomentReset.LAST_EPOCH,
+                             "hits": HitRule.REFERENCE, "order": PruneOrder.EVALUATE_FIRST}
 
 
 def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
@@ -141,8 +145,9 @@ class MnistTrainer(Trainer):
         """The MLP with this run's meProp settings, on the run's device."""
         c = self.config
         sizes = c.sizes if hidden_sizes is None else [INPUT_SIZE, *hidden_sizes, CLASSES]
-        meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.nonzero_hits)
-        return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP).to(self.device)
+        meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.hits is HitRule.NONZERO)
+        return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP,
+                   reference_hits=c.hits is HitRule.REFERENCE).to(self.device)
 
     @property
     def sizes(self) -> list[int]:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from mesimp_gpu.meprop import MePropMode
-from mesimp_gpu.mesimp import MesimpSchedule
+from mesimp_gpu.mesimp import MesimpSchedule, PruneOrder
 
 Config = TypeVar("Config")
 
@@ -74,8 +74,10 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
 
 
 def mesimp_schedule(config: Any) -> MesimpSchedule:
-    """The meSimp schedule of a trainer config (its ``prune``, ``cycle`` and ``reset_moments`` fields)."""
-    return MesimpSchedule(config.prune, config.cycle, config.reset_moments)
+    """The meSimp schedule of a trainer config (its ``prune``, ``cycle`` and ``reset_moments`` fields, and
+    ``order`` where the task offers it)."""
+    return MesimpSchedule(config.prune, config.cycle, config.reset_moments,
+                          getattr(config, "order", PruneOrder.PRUNE_FIRST))
 
 
 def with_preset(config_class: type[Config], preset: dict[str, Any], settings: dict[str, Any], task: str) -> Config:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.io import write_json
 from mesimp_gpu.machine import describe
+from mesimp_gpu.mesimp import PruneOrder
 from mesimp_gpu.optim import build_optimizer, clip_elementwise
 from mesimp_gpu.plots import plot_history, plot_simplification
 from mesimp_gpu.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -228,8 +229,11 @@ class Trainer:
             bar.update(sum(map(self.piece_steps, pieces[:first])))
             for chunk in range(first, len(pieces)):
                 loss = self.train_piece(pieces[chunk], bar)
-                extra = self.after_piece(epoch, chunk, last=chunk == len(pieces) - 1)
-                self.evaluate(epoch, chunk, loss, extra)
+                last = chunk == len(pieces) - 1
+                if self.schedule is not None and self.schedule.order is PruneOrder.EVALUATE_FIRST:
+                    self.evaluate(epoch, chunk, loss, {}).update(self.after_piece(epoch, chunk, last))
+                else:
+                    self.evaluate(epoch, chunk, loss, self.after_piece(epoch, chunk, last))
                 self.end_piece(epoch, chunk, len(pieces))
             bar.close()
             tqdm.write(self.epoch_line(epoch))
