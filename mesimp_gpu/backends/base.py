@@ -30,6 +30,7 @@ are torch ops; backends with kernels override them for the tensors those kernels
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import final
 
 import torch
@@ -92,6 +93,18 @@ def _add_rows_(p: Tensor, rows: Tensor | None, step: Tensor, alpha: float = 1.0)
         p.index_add_(0, rows, step, alpha=alpha)
 
 
+#: data-parallel training (:mod:`mesimp_gpu.train.distributed`): sums unified mode's column scores ``[out]``
+#: over the processes, so that every process keeps the same column set; None: this process's scores alone
+_column_score_reducer: Callable[[Tensor], Tensor] | None = None
+
+
+def set_column_score_reducer(reducer: Callable[[Tensor], Tensor] | None) -> None:
+    """Install (or, with None, remove) the function :meth:`Backend.unified_backward` passes its column scores
+    through (``[out]`` -> ``[out]``)."""
+    global _column_score_reducer
+    _column_score_reducer = reducer
+
+
 class Backend(ABC):
     """A set of launchers that compute meProp backward products and the lazy optimizers' row updates.
 
@@ -141,9 +154,13 @@ class Backend(ABC):
         reduced products are dense GEMMs (BLAS, cuBLAS), fast and deterministic on every device, so
         backends differ only in the hooks: :meth:`column_scores`, the selection :meth:`topk_indices`
         and :meth:`scatter_rows`. A non-finite ``g`` makes its scores non-finite, which the selection
-        rejects.
+        rejects. A reducer installed by :func:`set_column_score_reducer` replaces the scores before the selection
+        (data-parallel training sums them over the processes).
         """
-        cols = self.topk_indices(self.column_scores(g).unsqueeze(0), k)[0]  # (k,) ascending
+        scores = self.column_scores(g)
+        if _column_score_reducer is not None:
+            scores = _column_score_reducer(scores)
+        cols = self.topk_indices(scores.unsqueeze(0), k)[0]  # (k,) ascending
         g_s = g.index_select(1, cols)  # (B, k)
         dx = g_s.mm(weight.index_select(0, cols)) if need_dx else None  # (B, k) @ (k, in)
         dw = self.scatter_rows(g_s.t().mm(x), cols, weight.shape[0])  # (k, B) @ (B, in) into (out, in)

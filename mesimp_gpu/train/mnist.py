@@ -161,12 +161,13 @@ class MnistTrainer(Trainer):
             layer.refer = refer
 
     def train_piece(self, order: torch.Tensor, bar: tqdm | None) -> float:
-        """Update steps over the training examples ``order`` (indices); returns the mean loss per example."""
+        """Update steps over the training examples ``order`` (indices); returns the mean loss per example
+        (of several processes: this process's share of it)."""
         c, total = self.config, 0.0
         for start in range(0, len(order), c.batch_size):
-            batch = order[start : start + c.batch_size]
+            batch = self.dist.shard(order[start : start + c.batch_size], mean_loss=not c.grad_sum)
             x, y = self.train_set.images[batch], self.train_set.labels[batch]
-            value = self.update_step(lambda: self.loss_fn(self.model(x), y))  # noqa: B023 - called at once
+            value = self.update_step(lambda: self.loss_fn(self.net(x), y))  # noqa: B023 - called at once
             total += value if c.grad_sum else value * len(batch)
             self.step_postfix(bar, value / len(batch) if c.grad_sum else value)
         return total / max(len(order), 1)

@@ -18,6 +18,7 @@ from mesimp_gpu.mesimp import PruneOrder
 from mesimp_gpu.optim import build_optimizer, clip_elementwise
 from mesimp_gpu.plots import plot_history, plot_simplification
 from mesimp_gpu.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mesimp_gpu.train.distributed import DataParallel
 from mesimp_gpu.train.records import PHASES, BestTracker, PhaseTimer, jsonable
 from mesimp_gpu.train.settings import Method, mesimp_schedule, resolve_device, seed_everything
 
@@ -58,7 +59,9 @@ class Trainer:
 
     def __init__(self, config: Any, hooks: tuple[PieceHook, ...] = ()) -> None:
         self.config = config
-        self.device = resolve_device(config.device)
+        # one process of several under torchrun or --nproc: its share of the run, and its device
+        self.dist, self.device = DataParallel.from_environment(resolve_device(config.device))
+        self.dist.check_lazy(config.lazy)
         if config.threads is not None:
             torch.set_num_threads(config.threads)
         get_backend(config.backend, self.device)  # fail now, not in the first backward pass
@@ -72,6 +75,7 @@ class Trainer:
         seed_everything(self.config.seed)
         self.model = self.build_model(None)
         self.optimizer = self.new_optimizer()
+        self.net = self.dist.wrap(self.model)  # forward passes of training go through it (DDP under several processes)
         self.timer = PhaseTimer(self.device)
         self.best = BestTracker()
         self.history: list[dict[str, Any]] = []
@@ -108,7 +112,7 @@ class Trainer:
             loss = compute_loss()
         with self.timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.dist.backward(loss)
         with self.timer.phase("update"):
             if not self.config.lazy:  # a lazy optimizer clips the rows it updates itself
                 clip_elementwise(self.model.parameters(), self.config.clip)
@@ -136,7 +140,8 @@ class Trainer:
         if self.best.improved(dev):
             test = score_test()
             self.best.update(dev, test, self.step)
-            self.on_best()
+            if self.dist.main:
+                self.on_best()
         entry = {"epoch": epoch, "chunk": chunk, "step": self.step, "train_loss": loss, "dev_acc": dev,
                  "test_acc": test, "sizes": self.sizes, **extra}
         self.history.append(entry)
@@ -205,8 +210,13 @@ class Trainer:
         extra: dict[str, Any] = {}
         if self.schedule is not None:
             before = self.sizes[1:-1]
+            self.dist.sum_records(self.model)  # every process prunes by the run's record
             extra = self.schedule.after_piece(self.model, self.optimizer, epoch, last)
-            if extra["pruned"]:
+            if not extra["pruned"]:
+                self.dist.keep_records_on_main(self.model)
+            elif self.dist.world > 1:
+                self.net = self.dist.wrap(self.model)  # DDP holds the old parameters: wrap the new shapes
+            if extra["pruned"] and self.dist.main:
                 after = self.sizes[1:-1]
                 tqdm.write(f"epoch {epoch + 1} chunk {chunk + 1}: hidden sizes {'-'.join(map(str, after))} "
                            f"(removed {sum(before) - sum(after)}, {self.parameter_count():,} parameters)")
@@ -225,10 +235,11 @@ class Trainer:
         for epoch in range(start_epoch, c.epochs):
             pieces = self.epoch_pieces(epoch)
             first = start_chunk if epoch == start_epoch else 0
-            bar = progress_bar(sum(map(self.piece_steps, pieces)), f"epoch {epoch + 1}/{c.epochs}", c.progress)
+            bar = progress_bar(sum(map(self.piece_steps, pieces)), f"epoch {epoch + 1}/{c.epochs}",
+                               c.progress and self.dist.main)
             bar.update(sum(map(self.piece_steps, pieces[:first])))
             for chunk in range(first, len(pieces)):
-                loss = self.train_piece(pieces[chunk], bar)
+                loss = self.dist.sum_float(self.train_piece(pieces[chunk], bar))  # each process: its share
                 last = chunk == len(pieces) - 1
                 if self.schedule is not None and self.schedule.order is PruneOrder.EVALUATE_FIRST:
                     self.evaluate(epoch, chunk, loss, {}).update(self.after_piece(epoch, chunk, last))
@@ -236,10 +247,12 @@ class Trainer:
                     self.evaluate(epoch, chunk, loss, self.after_piece(epoch, chunk, last))
                 self.end_piece(epoch, chunk, len(pieces))
             bar.close()
-            tqdm.write(self.epoch_line(epoch))
+            if self.dist.main:
+                tqdm.write(self.epoch_line(epoch))
         results = self.results(final=True)
-        write_json(self.out / "results.json", results)
-        plot_history(self.history, self.out / "curves.png", title=f"{self.title}, {c.method.value}")
+        if self.dist.main:  # one process writes the run's files
+            write_json(self.out / "results.json", results)
+            plot_history(self.history, self.out / "curves.png", title=f"{self.title}, {c.method.value}")
         return results
 
     def architecture_state(self) -> dict[str, Any]:
@@ -250,7 +263,10 @@ class Trainer:
         """Restore what :meth:`architecture_state` saved beyond the sizes (meSimp ``refer`` counters)."""
 
     def save(self) -> None:
-        """Checkpoint and partial results, both written atomically."""
+        """Checkpoint and partial results, both written atomically (by process 0 of several)."""
+        rngs = self.dist.gather_object(rng_state())  # every process's generators: a resumed run continues each
+        if not self.dist.main:
+            return
         save_checkpoint(self.checkpoint_path, {
             "config": jsonable(self.config),
             **self.architecture_state(),
@@ -262,14 +278,17 @@ class Trainer:
             "epoch_times": self.epoch_times,
             "timer": self.timer.seconds,
             "best": vars(self.best),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_processes": rngs,
+            "processes": self.dist.world,
             "initial_params": self.initial_params,
         })
         write_json(self.out / "results.json", self.results())
 
     def restore(self) -> None:
         """Continue from ``checkpoint.pt`` in ``out``; refuses a checkpoint made with different settings."""
-        state = load_checkpoint(self.checkpoint_path)
+        state = self.dist.from_main(lambda: load_checkpoint(self.checkpoint_path))  # no shared disk needed
+        self.dist.check_world(state.get("processes", 1))
         mine = jsonable(self.config)
         changed = sorted(k for k in mine if k not in self.resumable_changes and state["config"].get(k) != mine[k])
         if changed:
@@ -280,12 +299,16 @@ class Trainer:
         self.restore_records(state)
         self.optimizer = self.new_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
+        self.net = self.dist.wrap(self.model)
         self.position, self.step = tuple(state["position"]), state["step"]
         self.history, self.epoch_times = state["history"], state["epoch_times"]
         self.timer.seconds = state["timer"]
         self.best = BestTracker(**state["best"])
         self.initial_params = state["initial_params"]
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng_processes"][self.dist.procs.rank] if "rng_processes" in state else state["rng"])
+        epoch, chunk = self.position
+        where = "its last epoch is done" if epoch >= self.config.epochs else f"epoch {epoch + 1}, piece {chunk + 1}"
+        tqdm.write(f"resuming {self.checkpoint_path} after {self.step} update steps: {where}")
 
 
 def run_with_baseline(
@@ -298,18 +321,26 @@ def run_with_baseline(
     ``same_size``. A meSimp run also draws its hidden sizes (from ``initial``) and dev accuracy, the
     baseline's beside it.
     """
+    with trainer.dist.failures():  # a peer's failure: one line here, not a hang or a traceback
+        return _run_with_baseline(trainer, resume, baseline, initial)
+
+
+def _run_with_baseline(
+    trainer: Trainer, resume: bool, baseline: Callable[[list[int]], Trainer] | None, initial: list[int]
+) -> dict[str, Any]:
     if resume:
         trainer.restore()
     results = trainer.run()
     runs = {trainer.config.method.value: trainer.history}
     if baseline is not None:
         base = baseline(trainer.sizes[1:-1])
-        if resume and base.checkpoint_path.is_file():
+        if resume and trainer.dist.from_main(base.checkpoint_path.is_file):
             base.restore()
         results["same_size"] = {"out": str(base.out), **base.run()["final"]}
         runs["dense, same size from scratch"] = base.history
-        write_json(trainer.out / "results.json", results)
-    if trainer.config.method is Method.MESIMP:
+        if trainer.dist.main:
+            write_json(trainer.out / "results.json", results)
+    if trainer.config.method is Method.MESIMP and trainer.dist.main:
         plot_simplification(runs, trainer.out / "hidden_sizes.png", trainer.out / "dev_accuracy.png",
                             f"{trainer.title}, meSimp", initial=initial)
     return results

@@ -1,0 +1,139 @@
+"""Data-parallel training: 2 gloo processes on the CPU (1 thread each) against one process on the same global batches.
+
+Tolerance: after the same update steps, N=2 and N=1 differ only in the order of the gradient sums (each process
+sums its half of the batch, then the two halves are added); float32 parameters agree within atol = rtol = 1e-5
+(the float32 entry of tests/reference.py), the selections and meSimp's kept neurons exactly. Every process of a
+run must hold bit-identical parameters. Each communication hook must give the same model as DDP's dense
+all-reduce, within the same tolerance (it adds the same rows in the same order; only the packing differs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mesimp_gpu.data.mnist import Mnist, Split
+from mesimp_gpu.train.distributed import Comm, DistributedOptions, Processes, configure, launch
+from mesimp_gpu.train.mnist import MnistConfig, train_mnist
+from mesimp_gpu.train.settings import Method
+
+#: float32 sums in another order (the float32 entry of tests/reference.py's table)
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def tiny_data(seed: int = 0) -> Mnist:
+    """Random 'images' whose labels depend on them (so training moves), 256 train and 64 dev/test examples."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n: int) -> Split:
+        images = torch.rand(n, 784, generator=g)
+        labels = (images[:, :10].argmax(dim=1)).long()
+        return Split(images, labels)
+
+    return Mnist(split(256), split(64), split(64))
+
+
+def tiny_config(out: Path, method: Method, **overrides) -> MnistConfig:
+    settings = dict(method=method, k=4, hidden_sizes=(24, 16), epochs=2, batch_size=32, chunks=2, cycle=1,
+                    prune=0.2, threads=1, backend="torch", out=str(out), progress=False)
+    return MnistConfig(**{**settings, **overrides})
+
+
+class KeepStates:
+    """Keeps the model's parameters after every piece (after its prune step)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def on_chunk_end(self, trainer, epoch: int, chunk: int) -> dict:
+        self.states.append({k: v.clone() for k, v in trainer.model.state_dict().items() if k.endswith(("weight", "bias"))})
+        return {}
+
+
+def run_and_save(config: MnistConfig, comm: str, resume: bool = False) -> None:
+    """One process of a run (or the single one): train, then save this process's parameters after every piece."""
+    configure(DistributedOptions(comm=Comm(comm), timeout_s=60))
+    keep = KeepStates()
+    results = train_mnist(config, resume=resume, data=tiny_data(), hooks=(keep,))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"results": results, "states": keep.states}, Path(config.out) / f"rank{rank}.pt")
+
+
+def run_all(runs: list[tuple[MnistConfig, str]]) -> None:
+    """Several runs one after another in the same processes (one start-up for all of them)."""
+    for config, comm in runs:
+        run_and_save(config, comm)
+
+
+#: (method, comm) of every two-process run the tests compare
+CASES = [(Method.DENSE, "dense"), (Method.MEPROP, "dense"), (Method.UNIFIED, "dense"), (Method.MESIMP, "dense"),
+         (Method.MEPROP, "rows"), (Method.UNIFIED, "rows"), (Method.MESIMP, "rows")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every case of :data:`CASES` run by one process (``one-<method>``) and by two (``two-<method>-<comm>``)."""
+    root = tmp_path_factory.mktemp("distributed")
+    for method in dict(CASES):
+        run_and_save(tiny_config(root / f"one-{method.value}", method), "dense")
+    launch(2, run_all, [(tiny_config(root / f"two-{m.value}-{c}", m), c) for m, c in CASES], threads=1)
+    return root
+
+
+def saved(out: Path, rank: int = 0) -> dict:
+    return torch.load(out / f"rank{rank}.pt", weights_only=False)
+
+
+def assert_close_models(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape, name
+        torch.testing.assert_close(a[name], b[name], atol=ATOL, rtol=RTOL, msg=name)
+
+
+def test_shards_cover_the_batch_once() -> None:
+    for n in (0, 1, 5, 32, 33):
+        for world in (1, 2, 3, 4):
+            parts = [Processes(r, world).shard(list(range(n))) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def untimed(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in history]
+
+
+@pytest.mark.parametrize("method", [Method.DENSE, Method.MEPROP, Method.UNIFIED, Method.MESIMP])
+def test_two_processes_equal_one(runs: Path, method: Method) -> None:
+    one, two = runs / f"one-{method.value}", runs / f"two-{method.value}-dense"
+    single, main, other = saved(one), saved(two, 0), saved(two, 1)
+    assert len(single["states"]) == len(main["states"]) == 4
+    for s1, s2, s3 in zip(single["states"], main["states"], other["states"]):
+        assert_close_models(s1, s2)
+        for name in s2:  # every process holds exactly the same parameters, after every prune step too
+            assert torch.equal(s2[name], s3[name]), name
+    h1, h2 = single["results"]["history"], main["results"]["history"]
+    assert [r["sizes"] for r in h1] == [r["sizes"] for r in h2]  # meSimp removed the same neurons
+    if method is Method.MESIMP:
+        assert h1[-1]["sizes"] != tiny_config(one, method).sizes  # it did prune
+    for r1, r2 in zip(h1, h2):
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-5)
+        assert r2["dev_acc"] == r1["dev_acc"]
+    assert untimed(other["results"]["history"]) == untimed(h2)  # the other process ran the same run
+    written = json.loads((two / "results.json").read_text())
+    assert written["final"]["sizes"] == main["results"]["final"]["sizes"]
+    assert not (two / "rank1").exists()
+
+
+@pytest.mark.parametrize("method", [Method.MEPROP, Method.UNIFIED, Method.MESIMP])
+def test_row_hook_gives_the_dense_all_reduce_model(runs: Path, method: Method) -> None:
+    dense, rows = saved(runs / f"two-{method.value}-dense"), saved(runs / f"two-{method.value}-rows")
+    for s1, s2, s3 in zip(dense["states"], rows["states"], saved(runs / f"two-{method.value}-rows", 1)["states"]):
+        assert_close_models(s1, s2)
+        for name in s2:
+            assert torch.equal(s2[name], s3[name]), name
+    assert [r["sizes"] for r in dense["results"]["history"]] == [r["sizes"] for r in rows["results"]["history"]]
