@@ -64,6 +64,10 @@ class MomentReset(str, enum.Enum):
 
     CYCLE = "cycle"  # once, after the last chunk of each cycle (the paper)
     LAST_EPOCH = "last-epoch"  # after every chunk of each cycle's last epoch (what the C# loop does)
+    # as last-epoch, but only where a prune step of the run is still to come: the bursts of large Adam
+    # steps after a reset silence neurons that the next prune steps remove; after the run's last prune
+    # step they would only damage the network that the run ends with
+    BEFORE_PRUNING = "before-pruning"
     NONE = "none"  # never
 
 
@@ -172,6 +176,7 @@ class MesimpSchedule:
     cycle: int = 5  # epochs per cycle; prune in even cycles; 0: prune after every piece of every epoch
     reset_moments: MomentReset = MomentReset.CYCLE  # when Adam's m and v (not t) are zeroed
     order: PruneOrder = PruneOrder.PRUNE_FIRST  # prune before a piece's evaluation, or after it (the C#)
+    epochs: int | None = None  # the run's length (before-pruning resets need it); None: unbounded
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
@@ -184,6 +189,10 @@ class MesimpSchedule:
         """Whether the moments are reset after a piece of ``epoch`` (``last_piece``: the epoch's last one)."""
         if not ends_cycle(epoch, self.cycle):
             return False
+        if self.reset_moments is MomentReset.BEFORE_PRUNING:
+            # this epoch prunes itself, or the next one does (cycles alternate), within the run
+            return prunes_in(epoch, self.cycle) or (
+                (self.epochs is None or epoch + 1 < self.epochs) and prunes_in(epoch + 1, self.cycle))
         return self.reset_moments is MomentReset.LAST_EPOCH or (self.reset_moments is MomentReset.CYCLE and last_piece)
 
     def after_piece(

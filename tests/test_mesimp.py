@@ -378,6 +378,26 @@ def test_reference_hits_prune_below_k(tmp_path: Path, mnist) -> None:
     assert max(reference[-1]["sizes"][1:-1]) < 12
 
 
+def test_moment_resets_before_pruning_skip_the_last_cycle(tmp_path: Path, mnist) -> None:
+    config = tiny(tmp_path, epochs=4, cycle=1, reset_moments=MomentReset.BEFORE_PRUNING)
+    history = train_mnist(config, data=mnist, hooks=(MomentProbe(),))["history"]
+    # cycles of one epoch: epochs 0 and 2 prune; 0, 1 and 2 are followed or pruned by a prune step, 3 is not
+    assert [h["moments_reset"] for h in history] == [True, True] * 3 + [False, False]
+    assert all((h["moment_mass"] == 0) == h["moments_reset"] for h in history)
+
+
+def test_results_name_the_final_network_and_its_test_score(tmp_path: Path, mnist) -> None:
+    results = train_mnist(tiny(tmp_path, epochs=2), data=mnist)
+    final = results["final"]
+    best = next(h for h in results["history"] if h["step"] == final["best_step"])
+    assert final["sizes_at_best_dev"] == best["sizes"] and final["sizes"] == results["history"][-1]["sizes"]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    model = MLP(final["sizes"], MePropConfig(MePropMode.TOPK, 6, "torch"), track_hits=True)
+    model.load_state_dict(checkpoint["model"])
+    test = mnist.test.head(100)
+    assert final["test_acc_final_network"] == accuracy(model, test.images, test.labels)
+
+
 def test_resume_of_a_shrunk_run_continues_exactly(tmp_path: Path, mnist) -> None:
     full = train_mnist(tiny(tmp_path / "full", epochs=3), data=mnist)
     train_mnist(tiny(tmp_path / "cut", epochs=2), data=mnist)  # cut after the fixed epoch: a full record
@@ -405,9 +425,9 @@ def test_same_size_baseline(tmp_path: Path, mnist) -> None:
 def test_paper_preset_is_the_reference() -> None:
     c = mnist_config(Preset.PAPER)
     assert (c.method, c.k, c.prune, c.batch_size, c.epochs, c.chunks, c.cycle, c.reset_moments) == \
-        (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, MomentReset.CYCLE)
+        (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, MomentReset.BEFORE_PRUNING)
     assert (c.sizes, c.optimizer, c.lr, c.clip, c.grad_sum, c.hits, c.order) == \
-        ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, HitRule.KEPT, PruneOrder.PRUNE_FIRST)
+        ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, HitRule.REFERENCE, PruneOrder.PRUNE_FIRST)
     r = mnist_config(Preset.REFERENCE)
     assert (r.hits, r.reset_moments, r.order) == (HitRule.REFERENCE, MomentReset.LAST_EPOCH, PruneOrder.EVALUATE_FIRST)
     assert (r.k, r.epochs, r.cycle, r.chunks, r.batch_size, r.sizes) == (160, 20, 5, 8, 100, [784, 500, 500, 10])

@@ -35,6 +35,7 @@ from mesimp_gpu.train.mnist import MnistConfig, Preset, mnist_config
 from mesimp_gpu.train.parse import ParseConfig
 from mesimp_gpu.train.parse import Preset as ParsePreset
 from mesimp_gpu.train.pos import PosConfig
+from mesimp_gpu.train.records import network_line
 from mesimp_gpu.train.settings import Method
 
 train_app = typer.Typer(help="Train a model.", no_args_is_help=True)
@@ -126,7 +127,7 @@ def train_mnist_command(
         config = mnist_config(preset, **settings)
         results = train_mnist(config, resume=resume)
     typer.echo(summary_table(results))
-    typer.echo(f"test accuracy {results['final']['test_acc_at_best_dev']:.2f}% | results in {out / 'results.json'}, "
+    typer.echo(f"{network_line(results['final'])} | results in {out / 'results.json'}, "
                f"model (at the best dev score) in {out / 'model.json'}")
 
 
@@ -201,8 +202,7 @@ def train_pos_command(
     final = results["final"]
     times = final["mean_epoch_seconds"]
     typer.echo(
-        f"test accuracy {final['test_acc_at_best_dev']:.2f}% at best dev {final['best_dev_acc']:.2f}% | "
-        f"sizes {'-'.join(map(str, final['sizes']))} | per epoch: forward {times['forward']:.1f}s, "
+        f"{network_line(final)} | per epoch: forward {times['forward']:.1f}s, "
         f"backward {times['backward']:.1f}s, update {times['update']:.1f}s | results in {out / 'results.json'}"
     )
 
@@ -288,5 +288,5 @@ def train_parse_command(
         if preset is not None:  # the preset fills every option the user did not give
             settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
         results = train_parse(parse_config(preset, **settings), resume=resume)
-    typer.echo(f"{summary_line(results)} | results in {out / 'results.json'}, model (at the best dev score) in "
-               f"{out / 'model.json'}")
+    typer.echo(f"{summary_line(results)} | final network: test UAS {results['final']['test_acc_final_network']:.2f}"
+               f" | results in {out / 'results.json'}, model (at the best dev score) in {out / 'model.json'}")

@@ -74,3 +74,15 @@ def accuracy(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
         correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
     model.train(was_training)
     return 100.0 * correct / max(len(labels), 1)
+
+
+def network_line(final: dict[str, Any]) -> str:
+    """One line naming the two networks of a run (the ``final`` part of its results): the one scored at the
+    best dev, with its hidden sizes, and the one the run ends with, with its hidden sizes and test score."""
+    def hidden(sizes: list[int] | None) -> str:
+        return "-".join(map(str, sizes[1:-1])) if sizes else "?"
+
+    end = final.get("test_acc_final_network")
+    return (f"test accuracy {final['test_acc_at_best_dev']:.2f}% at best dev {final['best_dev_acc']:.2f}% (hidden "
+            f"{hidden(final.get('sizes_at_best_dev'))}) | final network: hidden {hidden(final['sizes'])}, test "
+            + (f"{end:.2f}%" if end is not None else "not scored"))

@@ -77,7 +77,7 @@ def mesimp_schedule(config: Any) -> MesimpSchedule:
     """The meSimp schedule of a trainer config (its ``prune``, ``cycle`` and ``reset_moments`` fields, and
     ``order`` where the task offers it)."""
     return MesimpSchedule(config.prune, config.cycle, config.reset_moments,
-                          getattr(config, "order", PruneOrder.PRUNE_FIRST))
+                          getattr(config, "order", PruneOrder.PRUNE_FIRST), config.epochs)
 
 
 def with_preset(config_class: type[Config], preset: dict[str, Any], settings: dict[str, Any], task: str) -> Config:

@@ -136,6 +136,7 @@ class Trainer:
     def record(self, epoch: int, chunk: int, loss: float, dev: float, score_test: Callable[[], float],
                extra: dict[str, Any]) -> dict[str, Any]:
         """Track the best dev score (scoring test only when dev improved); append the history record."""
+        self._test_scorer = score_test  # scores the model as it then is (the final network at the end)
         test = None
         if self.best.improved(dev):
             test = score_test()
@@ -149,6 +150,12 @@ class Trainer:
 
     def on_best(self) -> None:
         """Called when the dev score improved (after test was scored); subclasses save models here."""
+
+    def score_test(self) -> float | None:
+        """The test score of the model as it is now, by the scorer the task last gave :meth:`record` (None
+        before the first evaluation); a task may override it."""
+        scorer = getattr(self, "_test_scorer", None)
+        return scorer() if scorer is not None else None
 
     def end_piece(self, epoch: int, chunk: int, pieces: int) -> None:
         """After a piece's evaluation: close the epoch's timing, move the position on, checkpoint."""
@@ -178,6 +185,10 @@ class Trainer:
                 "test_acc_at_best_dev": self.best.test_at_best,
                 "best_step": self.best.best_step,
                 "last_dev_acc": self.history[-1]["dev_acc"] if self.history else None,
+                # meSimp scores an earlier, larger network at the best dev than the one it ends with
+                "sizes_at_best_dev": next((r["sizes"] for r in self.history if r["step"] == self.best.best_step),
+                                          None),
+                "test_acc_final_network": self.score_test() if final else None,
                 "sizes": self.sizes,
                 "parameters_initial": self.initial_params,
                 "parameters_final": self.parameter_count(),
