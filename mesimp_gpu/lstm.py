@@ -22,6 +22,13 @@ backward cost proportional to ``k``. That call asks for no ``dx`` (``need_dx=Fal
 repeat the in-loop products ``dh_{t-1}``.
 The bias gradient is dense (``sum`` of ``dz``) unless the config asks for ``sparse_bias``.
 
+Precision and compilation, as in :mod:`mesimp_gpu.meprop`: under ``torch.autocast`` the direction runs in
+autocast's dtype (its inputs and weights cast to it, the recurrence and the backward pass in it) and
+the gradients take the input's and the parameters' dtypes; the forward and backward pass of a
+direction are the custom operators ``torch.ops.mesimp.lstm`` and ``torch.ops.mesimp.lstm_backward``
+(:data:`lstm_op`) for ``torch.compile``, and an autograd Function in eager code. ``refer`` is kept as a
+tensor, so counting tokens neither waits for the device nor breaks a compiled graph.
+
 Lazy optimizers: the backward pass marks the rows of ``W_x`` and ``W_h`` that the kept entries of all
 steps touched (:mod:`mesimp_gpu.touched_rows`; every row in dense mode), as the linear layer does.
 
@@ -58,14 +65,25 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from mesimp_gpu import touched_rows
-from mesimp_gpu.backends import Backend, BackendCache
+from mesimp_gpu.backends import Backend, BackendCache, load_backend
 from mesimp_gpu.backends.base import check_finite
-from mesimp_gpu.meprop import MePropConfig, MePropMode, kept_bias_grad, random_indices
+from mesimp_gpu.meprop import (
+    LIBRARY,
+    MePropConfig,
+    MePropMode,
+    cast,
+    compute_dtype,
+    kept_bias_grad,
+    own_precision,
+    random_indices,
+    resolved_backend,
+)
 from mesimp_gpu.mesimp import check_threshold, prune_mask
 from mesimp_gpu.optim import slice_parameter
 
@@ -142,123 +160,256 @@ def kept_rows_product(g: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     return torch.bmm(vals, weight[idx]).squeeze(1)  # (B, 1, kk) @ (B, kk, in) -> (B, in)
 
 
-class MePropLSTMFunction(torch.autograd.Function):
-    """One LSTM direction over a whole padded sequence, time-major; see the module docstring."""
+def lstm_forward(
+    x: Tensor,
+    mask: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    bias: Tensor,
+    hits: Tensor | None,
+    dtype: torch.dtype | None,
+    reverse: bool,
+    mode_name: str,
+    k: int,
+    backend: str,
+    sparse_bias: bool,
+    nonzero_hits: bool,
+    selection: str,
+    counting: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LSTM direction over a whole padded sequence, time-major, computed in ``dtype`` (None: the inputs').
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        x: Tensor,
-        mask: Tensor,
-        weight_ih: Tensor,
-        weight_hh: Tensor,
-        bias: Tensor,
-        reverse: bool,
-        config: MePropConfig,
-        selection: GateSelection,
-        counting: HitCounting,
-        backend: Backend,
-        hits: Tensor | None,
-    ) -> Tensor:
-        """``x`` ``[T, B, I]``, ``mask`` ``[T, B]`` bool -> outputs ``[T, B, H]`` (zero at padded steps)."""
-        steps, batch, _ = x.shape
-        hidden = weight_hh.shape[1]
-        # the input projection does not depend on the recurrence: one GEMM for all steps
-        zx = torch.addmm(bias, x.reshape(steps * batch, -1), weight_ih.t()).view(steps, batch, GATES * hidden)
-        acts = x.new_empty(steps, batch, GATES * hidden)  # activated gates i, f, g, o per step
-        c_prev_all = x.new_empty(steps, batch, hidden)
-        h_prev_all = x.new_empty(steps, batch, hidden)
-        c_new_all = x.new_empty(steps, batch, hidden)
-        out = x.new_zeros(steps, batch, hidden)
-        h = x.new_zeros(batch, hidden)
-        c = x.new_zeros(batch, hidden)
-        order = range(steps - 1, -1, -1) if reverse else range(steps)
-        for t in order:
-            z = torch.addmm(zx[t], h, weight_hh.t())  # (B, 4H)
-            a = acts[t]
-            a.copy_(z)
-            a[:, : 2 * hidden].sigmoid_()
-            a[:, 2 * hidden : 3 * hidden].tanh_()
-            a[:, 3 * hidden :].sigmoid_()
-            i, f, g, o = a.chunk(GATES, dim=1)
-            c_new = f * c + i * g
-            h_new = o * torch.tanh(c_new)
-            h_prev_all[t], c_prev_all[t], c_new_all[t] = h, c, c_new
-            m = mask[t].unsqueeze(1)  # (B, 1)
-            out[t] = torch.where(m, h_new, 0.0)
-            h = torch.where(m, h_new, h)
-            c = torch.where(m, c_new, c)
-        ctx.save_for_backward(x, mask, weight_ih, weight_hh, acts, c_prev_all, h_prev_all, c_new_all)
-        ctx.reverse, ctx.config, ctx.selection, ctx.counting = reverse, config, selection, counting
-        ctx.backend, ctx.hits = backend, hits
-        return out
+    ``x`` ``[T, B, I]``, ``mask`` ``[T, B]`` bool -> the outputs ``[T, B, H]`` (zero at padded steps), then
+    what the backward pass (:func:`lstm_backward`, with the same settings) reads: the activated gates
+    ``[T, B, 4H]`` and, per step, the cell state before and after and the hidden state before (``[T, B, H]``
+    each). ``hits`` is counted by the backward pass, not here.
+    """
+    x, weight_ih, weight_hh, bias = cast(dtype, x, weight_ih, weight_hh, bias)
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    # the input projection does not depend on the recurrence: one GEMM for all steps
+    zx = torch.addmm(bias, x.reshape(steps * batch, -1), weight_ih.t()).view(steps, batch, GATES * hidden)
+    acts = x.new_empty(steps, batch, GATES * hidden)  # activated gates i, f, g, o per step
+    c_prev_all = x.new_empty(steps, batch, hidden)
+    h_prev_all = x.new_empty(steps, batch, hidden)
+    c_new_all = x.new_empty(steps, batch, hidden)
+    out = x.new_zeros(steps, batch, hidden)
+    h = x.new_zeros(batch, hidden)
+    c = x.new_zeros(batch, hidden)
+    order = range(steps - 1, -1, -1) if reverse else range(steps)
+    for t in order:
+        z = torch.addmm(zx[t], h, weight_hh.t())  # (B, 4H)
+        a = acts[t]
+        a.copy_(z)
+        a[:, : 2 * hidden].sigmoid_()
+        a[:, 2 * hidden : 3 * hidden].tanh_()
+        a[:, 3 * hidden :].sigmoid_()
+        i, f, g, o = a.chunk(GATES, dim=1)
+        c_new = f * c + i * g
+        h_new = o * torch.tanh(c_new)
+        h_prev_all[t], c_prev_all[t], c_new_all[t] = h, c, c_new
+        m = mask[t].unsqueeze(1)  # (B, 1)
+        out[t] = torch.where(m, h_new, 0.0)
+        h = torch.where(m, h_new, h)
+        c = torch.where(m, c_new, c)
+    return out, acts, c_prev_all, h_prev_all, c_new_all
 
-    @staticmethod
-    def backward(ctx, d_out: Tensor):  # type: ignore[override]
-        x, mask, weight_ih, weight_hh, acts, c_prev_all, h_prev_all, c_new_all = ctx.saved_tensors
-        config: MePropConfig = ctx.config
-        backend: Backend = ctx.backend
-        hits: Tensor | None = ctx.hits
-        steps, batch, _ = x.shape
-        hidden = weight_hh.shape[1]
-        per_gate = ctx.selection is GateSelection.PER_GATE
-        dense = config.mode is MePropMode.DENSE or config.k >= (hidden if per_gate else GATES * hidden)
 
-        dz_all = x.new_zeros(steps, batch, GATES * hidden)
-        kept = GATES * config.k if per_gate else config.k
-        idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
-        dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
-        dc = x.new_zeros(batch, hidden)
-        order = range(steps) if ctx.reverse else range(steps - 1, -1, -1)
-        for t in order:
-            m = mask[t].unsqueeze(1)  # (B, 1)
-            dh_new = torch.where(m, d_out[t] + dh, 0.0)  # (B, H)
-            dc_new = torch.where(m, dc, 0.0)
-            i, f, g, o = acts[t].chunk(GATES, dim=1)
-            tanh_c = torch.tanh(c_new_all[t])
-            dc_total = dc_new + dh_new * o * (1.0 - tanh_c * tanh_c)
-            dz = dz_all[t]
-            dz[:, :hidden] = dc_total * g * i * (1.0 - i)
-            dz[:, hidden : 2 * hidden] = dc_total * c_prev_all[t] * f * (1.0 - f)
-            dz[:, 2 * hidden : 3 * hidden] = dc_total * i * (1.0 - g * g)
-            dz[:, 3 * hidden :] = dh_new * tanh_c * o * (1.0 - o)
-            if dense:
-                dh_rec = dz @ weight_hh  # dW_h: one GEMM over all steps after the loop
-                if hits is not None and config.nonzero_hits:
-                    every = torch.arange(GATES * hidden, device=x.device).expand(batch, -1)  # dense "selection"
-                    record_hits(hits, every, mask[t], ctx.counting, dz)
-            else:
-                idx = select_gate_entries(dz, config, ctx.selection, backend)
-                idx_all[t] = idx
-                if hits is not None:
-                    record_hits(hits, idx, mask[t], ctx.counting, dz if config.nonzero_hits else None)
-                dh_rec = kept_rows_product(dz, idx, weight_hh)
-            # a padded step carried h and c unchanged, so their gradients pass straight through
-            dh = torch.where(m, dh_rec, dh)
-            dc = torch.where(m, dc_total * f, dc)
+def lstm_backward(
+    d_out: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    acts: Tensor,
+    c_prev_all: Tensor,
+    h_prev_all: Tensor,
+    c_new_all: Tensor,
+    hits: Tensor | None,
+    dtype: torch.dtype | None,
+    reverse: bool,
+    mode_name: str,
+    k: int,
+    backend: str,
+    sparse_bias: bool,
+    nonzero_hits: bool,
+    selection: str,
+    counting: str,
+    need_dx: bool,
+    need_weight_ih: bool,
+    need_weight_hh: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """meProp backward pass of :func:`lstm_forward` for ``d_out`` (``[T, B, H]``, in the compute dtype), given
+    what the forward pass returned beside its output.
 
-        if hits is not None and dense and not config.nonzero_hits:  # every unit of every real row is hit
-            hits += int(mask.sum()) * (GATES if ctx.counting is HitCounting.EACH_GATE else 1)
-        dz_flat = dz_all.view(steps * batch, GATES * hidden)
-        x_flat = x.reshape(steps * batch, -1)
-        h_prev_flat = h_prev_all.view(steps * batch, hidden)
-        need_dx = ctx.needs_input_grad[0]
+    Returns ``dx`` (``[T, B, I]``, ``x``'s dtype; empty unless ``need_dx``), ``dW_x``, ``dW_h`` and ``db``
+    in the weights' dtype; the products run in ``dtype`` (None: the tensors' own) on ``x`` and the
+    weights cast to it, and are rounded to it. Adds this pass's hits to ``hits`` (``[H]``) in place and
+    marks the touched rows of the weights that need a gradient (:mod:`mesimp_gpu.touched_rows`).
+    """
+    config = MePropConfig(MePropMode(mode_name), k, backend, sparse_bias, nonzero_hits)
+    marked = [w for w, needed in ((weight_ih, need_weight_ih), (weight_hh, need_weight_hh)) if needed]
+    x_c, weight_ih_c, weight_hh_c = cast(dtype, x, weight_ih, weight_hh)
+    with own_precision(d_out.device):
+        dx, d_weight_ih, d_weight_hh, d_bias = lstm_products(
+            d_out, x_c, mask, weight_ih_c, weight_hh_c, acts, c_prev_all, h_prev_all, c_new_all, hits, reverse,
+            config, GateSelection(selection), HitCounting(counting), load_backend(backend), need_dx, marked,
+        )
+    return (
+        dx.to(x.dtype) if dx is not None else x.new_empty(0),
+        d_weight_ih.to(weight_ih.dtype),
+        d_weight_hh.to(weight_hh.dtype),
+        d_bias.to(weight_ih.dtype),
+    )
+
+
+def lstm_products(
+    d_out: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    weight_ih: Tensor,
+    weight_hh: Tensor,
+    acts: Tensor,
+    c_prev_all: Tensor,
+    h_prev_all: Tensor,
+    c_new_all: Tensor,
+    hits: Tensor | None,
+    reverse: bool,
+    config: MePropConfig,
+    selection: GateSelection,
+    counting: HitCounting,
+    backend: Backend,
+    need_dx: bool,
+    marked: list[Tensor],
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """The maths of :func:`lstm_backward` on tensors of one dtype -> ``(dx or None, dW_x, dW_h, db)`` in it;
+    ``marked``: the parameters whose touched rows are recorded."""
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    per_gate = selection is GateSelection.PER_GATE
+    dense = config.mode is MePropMode.DENSE or config.k >= (hidden if per_gate else GATES * hidden)
+
+    dz_all = x.new_zeros(steps, batch, GATES * hidden)
+    kept = GATES * config.k if per_gate else config.k
+    idx_all = None if dense else torch.zeros(steps, batch, kept, dtype=torch.long, device=x.device)
+    dh = x.new_zeros(batch, hidden)  # gradient w.r.t. the carried state h_t from later steps
+    dc = x.new_zeros(batch, hidden)
+    order = range(steps) if reverse else range(steps - 1, -1, -1)
+    for t in order:
+        m = mask[t].unsqueeze(1)  # (B, 1)
+        dh_new = torch.where(m, d_out[t] + dh, 0.0)  # (B, H)
+        dc_new = torch.where(m, dc, 0.0)
+        i, f, g, o = acts[t].chunk(GATES, dim=1)
+        tanh_c = torch.tanh(c_new_all[t])
+        dc_total = dc_new + dh_new * o * (1.0 - tanh_c * tanh_c)
+        dz = dz_all[t]
+        dz[:, :hidden] = dc_total * g * i * (1.0 - i)
+        dz[:, hidden : 2 * hidden] = dc_total * c_prev_all[t] * f * (1.0 - f)
+        dz[:, 2 * hidden : 3 * hidden] = dc_total * i * (1.0 - g * g)
+        dz[:, 3 * hidden :] = dh_new * tanh_c * o * (1.0 - o)
         if dense:
-            idx_flat = None  # every row of both weights
-            dx = dz_flat @ weight_ih if need_dx else None
-            d_weight_ih = dz_flat.t() @ x_flat
-            d_weight_hh = dz_flat.t() @ h_prev_flat
-            d_bias = dz_flat.sum(dim=0)
+            dh_rec = dz @ weight_hh  # dW_h: one GEMM over all steps after the loop
+            if hits is not None and config.nonzero_hits:
+                every = torch.arange(GATES * hidden, device=x.device).expand(batch, -1)  # dense "selection"
+                record_hits(hits, every, mask[t], counting, dz)
         else:
-            idx_flat = idx_all.view(steps * batch, kept)
-            dx, d_weight_ih = backend.sparse_backward(dz_flat, idx_flat, x_flat, weight_ih, need_dx)
-            _, d_weight_hh = backend.sparse_backward(dz_flat, idx_flat, h_prev_flat, weight_hh, need_dx=False)
-            d_bias = kept_bias_grad(dz_flat, idx_flat) if config.sparse_bias else dz_flat.sum(dim=0)
-        for weight, needed in ((weight_ih, ctx.needs_input_grad[2]), (weight_hh, ctx.needs_input_grad[3])):
-            if needed:
-                touched_rows.mark(weight, idx_flat)
-        dx = dx.view_as(x) if dx is not None else None
-        return dx, None, d_weight_ih, d_weight_hh, d_bias, None, None, None, None, None, None
+            idx = select_gate_entries(dz, config, selection, backend)
+            idx_all[t] = idx
+            if hits is not None:
+                record_hits(hits, idx, mask[t], counting, dz if config.nonzero_hits else None)
+            dh_rec = kept_rows_product(dz, idx, weight_hh)
+        # a padded step carried h and c unchanged, so their gradients pass straight through
+        dh = torch.where(m, dh_rec, dh)
+        dc = torch.where(m, dc_total * f, dc)
+
+    if hits is not None and dense and not config.nonzero_hits:  # every unit of every real row is hit
+        hits += int(mask.sum()) * (GATES if counting is HitCounting.EACH_GATE else 1)
+    dz_flat = dz_all.view(steps * batch, GATES * hidden)
+    x_flat = x.reshape(steps * batch, -1)
+    h_prev_flat = h_prev_all.view(steps * batch, hidden)
+    if dense:
+        idx_flat = None  # every row of both weights
+        dx = dz_flat @ weight_ih if need_dx else None
+        d_weight_ih = dz_flat.t() @ x_flat
+        d_weight_hh = dz_flat.t() @ h_prev_flat
+        d_bias = dz_flat.sum(dim=0)
+    else:
+        idx_flat = idx_all.view(steps * batch, kept)
+        dx, d_weight_ih = backend.sparse_backward(dz_flat, idx_flat, x_flat, weight_ih, need_dx)
+        _, d_weight_hh = backend.sparse_backward(dz_flat, idx_flat, h_prev_flat, weight_hh, need_dx=False)
+        d_bias = kept_bias_grad(dz_flat, idx_flat) if config.sparse_bias else dz_flat.sum(dim=0)
+    for weight in marked:
+        touched_rows.mark(weight, idx_flat)
+    return (dx.view_as(x) if dx is not None else None), d_weight_ih, d_weight_hh, d_bias
+
+
+def _lstm_setup_context(ctx, inputs: tuple, output: tuple[Tensor, ...]) -> None:
+    """Keep what the backward pass needs from :func:`lstm_forward`'s ``inputs`` and ``output`` (its five tensors)."""
+    x, mask, weight_ih, weight_hh, _, hits, *settings = inputs
+    ctx.save_for_backward(x, mask, weight_ih, weight_hh, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the saved activations, returned only to be saved
+    # hits is not saved: a saved tensor's version is checked, and every backward pass mutates hits
+    ctx.hits, ctx.settings = hits, settings
+
+
+def _lstm_grads(ctx, d_out: Tensor, backward: Callable[..., tuple[Tensor, ...]]) -> tuple[Tensor | None, ...]:
+    """The input gradients of :func:`lstm_forward` from ``backward`` (:func:`lstm_backward` or its operator)."""
+    x, mask, weight_ih, weight_hh, *saved = ctx.saved_tensors
+    need_dx, _, need_ih, need_hh, need_bias = ctx.needs_input_grad[:5]
+    dx, d_weight_ih, d_weight_hh, d_bias = backward(
+        d_out, x, mask, weight_ih, weight_hh, *saved, ctx.hits, *ctx.settings, need_dx, need_ih, need_hh
+    )
+    return (dx if need_dx else None, None, d_weight_ih if need_ih else None, d_weight_hh if need_hh else None,
+            d_bias if need_bias else None, *[None] * 10)
+
+
+class MePropLSTMFunction(torch.autograd.Function):
+    """:func:`lstm_forward` and :func:`lstm_backward` for eager execution; ``torch.compile`` traces the same
+    two functions as the operators of :data:`lstm_op` (see :class:`~mesimp_gpu.meprop.MePropFunction`)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # type: ignore[override]
+        outputs = lstm_forward(*inputs)
+        _lstm_setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor, *_: Tensor):  # type: ignore[override]
+        return _lstm_grads(ctx, d_out, lstm_backward)
+
+
+#: ``torch.ops.mesimp.lstm``: :func:`lstm_forward` as a custom operator, its backward pass the operator
+#: ``torch.ops.mesimp.lstm_backward`` (which mutates ``hits``)
+lstm_op = torch.library.custom_op(f"{LIBRARY}::lstm", lstm_forward, mutates_args=())
+lstm_backward_op = torch.library.custom_op(f"{LIBRARY}::lstm_backward", lstm_backward, mutates_args=("hits",))
+
+
+@lstm_op.register_fake
+def _(x, mask, weight_ih, weight_hh, bias, hits, dtype, *settings):
+    steps, batch, _ = x.shape
+    hidden = weight_hh.shape[1]
+    states = [x.new_empty(steps, batch, n, dtype=dtype or x.dtype) for n in (hidden, GATES * hidden, hidden, hidden, hidden)]
+    return tuple(states)
+
+
+@lstm_backward_op.register_fake
+def _(d_out, x, mask, weight_ih, weight_hh, acts, c_prev_all, h_prev_all, c_new_all, hits, dtype, reverse, mode_name,
+      k, backend, sparse_bias, nonzero_hits, selection, counting, need_dx, need_weight_ih, need_weight_hh):
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, weight_ih.new_empty(weight_ih.shape), weight_hh.new_empty(weight_hh.shape), \
+        weight_ih.new_empty(weight_ih.shape[0])
+
+
+lstm_op.register_autograd(lambda ctx, d_out, *_: _lstm_grads(ctx, d_out, lstm_backward_op),
+                          setup_context=_lstm_setup_context)
+
+
+def meprop_lstm(*inputs) -> Tensor:
+    """The output ``[T, B, H]`` of :func:`lstm_forward` with its meProp backward pass: the operator while
+    ``torch.compile`` traces, :class:`MePropLSTMFunction` otherwise."""
+    if torch.compiler.is_compiling():
+        return lstm_op(*inputs)[0]
+    return MePropLSTMFunction.apply(*inputs)[0]
 
 
 class MePropLSTMDirection(nn.Module):
@@ -275,8 +426,18 @@ class MePropLSTMDirection(nn.Module):
         self.weight_hh = nn.Parameter(torch.empty(GATES * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.zeros(GATES * hidden_size))
         self.register_buffer("hits", torch.zeros(hidden_size, dtype=torch.long) if track_hits else None)
-        self.refer = 0
+        # ``refer`` as a tensor on the layer's device (not part of the state dict, like the int it replaces)
+        self.register_buffer("refer_count", torch.zeros((), dtype=torch.long), persistent=False)
         self.reset_parameters()
+
+    @property
+    def refer(self) -> int:
+        """Real tokens seen in training since the last reset of the meSimp record."""
+        return int(self.refer_count)
+
+    @refer.setter
+    def refer(self, value: int) -> None:
+        self.refer_count.fill_(value)
 
     def reset_parameters(self) -> None:
         """``U(-1/sqrt(H), 1/sqrt(H))`` as ``nn.LSTM``; the forget-gate bias starts at 1 to keep memory early on."""
@@ -344,24 +505,30 @@ class MePropLSTM(nn.Module):
             if lengths is None:
                 mask = torch.ones(batch, steps, dtype=torch.bool, device=x.device)
             else:
-                if lengths.shape != (batch,) or (batch > 0 and int(lengths.max()) > steps):
+                # the values are checked in eager code only: reading them is data-dependent, which torch.compile
+                # cannot trace (a length over T marks every step real, as T would)
+                if lengths.shape != (batch,) or (
+                    not torch.compiler.is_compiling() and batch > 0 and int(lengths.max()) > steps
+                ):
                     raise ValueError(f"lengths must be [batch] with values <= {steps}, got {lengths.tolist()}")
                 mask = torch.arange(steps, device=x.device) < lengths.to(x.device).unsqueeze(1)
         elif mask.shape != (batch, steps):
             raise ValueError(f"mask must be [batch, time] = {(batch, steps)}, got {tuple(mask.shape)}")
         x_tm = x.transpose(0, 1).contiguous()  # (T, B, I)
         mask_tm = mask.to(torch.bool).t().contiguous()  # (T, B)
-        backend = self._backends.resolve(self.config.backend, x.device)
+        c = self.config
+        backend = resolved_backend(self._backends, c.backend, x.device)
+        dtype = compute_dtype(x.device, self.directions[0].weight_ih)
         recording = self.training and torch.is_grad_enabled()
         outputs = []
         for d in self.directions:
             hits = d.hits if recording else None
             if hits is not None:
-                d.refer += int(mask_tm.sum())
+                d.refer_count += mask_tm.sum()  # a tensor: no device sync, nothing for torch.compile to break on
             outputs.append(
-                MePropLSTMFunction.apply(
-                    x_tm, mask_tm, d.weight_ih, d.weight_hh, d.bias, d.reverse,
-                    self.config, self.selection, self.counting, backend, hits,
+                meprop_lstm(
+                    x_tm, mask_tm, d.weight_ih, d.weight_hh, d.bias, hits, dtype, d.reverse, c.mode.value, c.k,
+                    backend, c.sparse_bias, c.nonzero_hits, self.selection.value, self.counting.value,
                 )
             )
         return torch.cat(outputs, dim=2).transpose(0, 1)  # (B, T, H_total)
