@@ -76,3 +76,20 @@ def resume_option() -> Any:
 
 def progress_option(default: bool) -> Any:
     return typer.Option(default, help="Show a progress bar.")
+
+
+def nproc_option() -> Any:
+    return typer.Option(1, help="Data-parallel processes to start on this machine (gloo on the CPU, NCCL on CUDA with "
+                        "one GPU each); each takes its share of every minibatch. Under torchrun leave it at 1.")
+
+
+def comm_option() -> Any:
+    from mesimp_gpu.train.distributed import Comm
+
+    return typer.Option(Comm.DENSE, help="Several processes: dense: DDP's all-reduce of every gradient; rows: "
+                        "meProp weights send only the rows some process touched (unified: the k shared rows).")
+
+
+def dist_timeout_option() -> Any:
+    return typer.Option(300.0, help="Several processes: seconds one waits for the others before the run stops with "
+                        "an error.")

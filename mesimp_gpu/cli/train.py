@@ -11,6 +11,9 @@ import typer
 
 from mesimp_gpu.cli.errors import given_options, user_errors
 from mesimp_gpu.cli.options import (
+    comm_option,
+    dist_timeout_option,
+    nproc_option,
     backend_option,
     clip_option,
     cycle_option,
@@ -36,6 +39,7 @@ from mesimp_gpu.train.parse import ParseConfig
 from mesimp_gpu.train.parse import Preset as ParsePreset
 from mesimp_gpu.train.pos import PosConfig
 from mesimp_gpu.train.records import network_line
+from mesimp_gpu.train.distributed import Comm, DistributedOptions, in_processes
 from mesimp_gpu.train.settings import Method
 
 train_app = typer.Typer(help="Train a model.", no_args_is_help=True)
@@ -104,6 +108,9 @@ def train_mnist_command(
                              "and the plots."),
     limit: Optional[int] = typer.Option(None, help="Train on the first N images only (quick runs)."),
     resume: bool = resume_option(),
+    nproc: int = nproc_option(),
+    comm: Comm = comm_option(),
+    dist_timeout: float = dist_timeout_option(),
     progress: bool = progress_option(_DEFAULT.progress),
 ) -> None:
     """Train the 784-H-...-H-10 MNIST MLP; prints a summary table (accuracy, kept neurons, parameters, time).
@@ -125,7 +132,9 @@ def train_mnist_command(
         if preset is not None:  # the preset fills every option the user did not give
             settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
         config = mnist_config(preset, **settings)
-        results = train_mnist(config, resume=resume)
+        results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_mnist, config, resume)
+        if results is None:  # one of several processes torchrun started: process 0 reports
+            return
     typer.echo(summary_table(results))
     typer.echo(f"{network_line(results['final'])} | results in {out / 'results.json'}, "
                f"model (at the best dev score) in {out / 'model.json'}")
@@ -180,6 +189,9 @@ def train_pos_command(
     out: Path = typer.Option(Path(_pos_default("out")), help="Folder for results.json, checkpoint.pt and curves.png."),
     limit: Optional[int] = typer.Option(None, help="Train on the first N sentences only (quick runs)."),
     resume: bool = resume_option(),
+    nproc: int = nproc_option(),
+    comm: Comm = comm_option(),
+    dist_timeout: float = dist_timeout_option(),
     progress: bool = progress_option(_pos_default("progress")),
 ) -> None:
     """Train the POS tagger (meProp LSTM) on a CoNLL-U treebank; prints the test accuracy at the best dev score."""
@@ -198,7 +210,9 @@ def train_pos_command(
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
             dev_file=text(dev_file), test_file=text(test_file), out=str(out), limit=limit, progress=progress,
         )
-        results = train_pos(config, resume=resume)
+        results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_pos, config, resume)
+        if results is None:  # one of several processes torchrun started: process 0 reports
+            return
     final = results["final"]
     times = final["mean_epoch_seconds"]
     typer.echo(
@@ -263,6 +277,9 @@ def train_parse_command(
                              "model.json/model.pt and the plots."),
     limit: Optional[int] = typer.Option(None, help="Train on the first N sentences only (quick runs)."),
     resume: bool = resume_option(),
+    nproc: int = nproc_option(),
+    comm: Comm = comm_option(),
+    dist_timeout: float = dist_timeout_option(),
     progress: bool = progress_option(_parse_default("progress")),
 ) -> None:
     """Train the transition parser (an MLP over 48 features, meProp/meSimp on its hidden layer) on a CoNLL-U
@@ -287,6 +304,8 @@ def train_parse_command(
         )
         if preset is not None:  # the preset fills every option the user did not give
             settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
-        results = train_parse(parse_config(preset, **settings), resume=resume)
+        results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_parse, parse_config(preset, **settings), resume)
+        if results is None:  # one of several processes torchrun started: process 0 reports
+            return
     typer.echo(f"{summary_line(results)} | final network: test UAS {results['final']['test_acc_final_network']:.2f}"
                f" | results in {out / 'results.json'}, model (at the best dev score) in {out / 'model.json'}")

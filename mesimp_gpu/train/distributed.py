@@ -329,10 +329,10 @@ class DataParallel:
         if self.world == 1:
             return batch
         local = self.procs.shard(batch)
-        if mean_loss and len(local) == 0:  # type: ignore[arg-type]
-            raise ValueError(f"a minibatch of {len(batch)} examples leaves process {self.procs.rank} of {self.world} "  # type: ignore[arg-type]
-                             "none, and a mean loss over none is undefined; use a batch size (and data size) "
-                             "with at least one example per process in every minibatch")
+        if len(local) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"a minibatch of {len(batch)} leaves process {self.procs.rank} of {self.world} "  # type: ignore[arg-type]
+                             f"nothing to train on; use a --batch-size of at least {self.world} (and a --limit "
+                             "whose last minibatch has that many)")
         self.loss_weight = float(self.world) * (len(local) / max(len(batch), 1) if mean_loss else 1.0)  # type: ignore[arg-type]
         return local
 
@@ -475,3 +475,24 @@ def launch(nproc: int, fn: Callable[..., None], *args: Any, threads: int | None 
             note = Path(errors, f"rank{rank}.txt")
             reason = note.read_text() if note.is_file() else f"exit code {getattr(exc, 'exit_code', '?')}"
             raise ValueError(f"process {rank} of {nproc} failed: {reason}; the other processes were stopped") from None
+
+
+def _keep_result(options: DistributedOptions, folder: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """One process of :func:`in_processes`: the run's options, ``fn(*args)``, and process 0's result kept."""
+    configure(options)
+    result = fn(*args)
+    if os.environ["RANK"] == "0":
+        torch.save(result, Path(folder, "result.pt"))
+
+
+def in_processes(nproc: int, options: DistributedOptions, fn: Callable[..., T], *args: Any,
+                 threads: int | None = None) -> T | None:
+    """``fn(*args)`` as one process of a run: this one (``nproc`` 1, or one process of those torchrun started)
+    or ``nproc`` new ones on this machine (:func:`launch`). Returns process 0's result, None on the others."""
+    if nproc == 1:
+        configure(options)
+        result = fn(*args)
+        return result if int(os.environ.get("RANK", "0")) == 0 else None
+    with tempfile.TemporaryDirectory(prefix="mesimp-result-") as folder:
+        launch(nproc, _keep_result, options, folder, fn, args, threads=threads)
+        return torch.load(Path(folder, "result.pt"), weights_only=False)

@@ -205,7 +205,7 @@ class ParseTrainer(Trainer):
         plus the L2 term on the dense parts."""
         features = self.features[batch]  # (B, 48)
         words = word_dropout(features[:, :N_WORD_FEATURES], self.word_counts, self.config.word_dropout)
-        logits = self.model(torch.cat([words, features[:, N_WORD_FEATURES:]], dim=1))
+        logits = self.net(torch.cat([words, features[:, N_WORD_FEATURES:]], dim=1))
         loss = nn.functional.cross_entropy(logits, self.transitions[batch])
         if self.config.l2:
             loss = loss + 0.5 * self.config.l2 * sum(p.pow(2).sum() for p in self.model.dense_parameters())
@@ -216,7 +216,7 @@ class ParseTrainer(Trainer):
         self.model.train()
         total = 0.0
         for start in range(0, len(order), self.config.batch_size):
-            batch = order[start : start + self.config.batch_size]
+            batch = self.dist.shard(order[start : start + self.config.batch_size], mean_loss=True)
             value = self.update_step(lambda: self.batch_loss(batch))  # noqa: B023 - called at once
             total += value * len(batch)
             self.step_postfix(bar, value)

@@ -166,21 +166,22 @@ class PosTrainer(Trainer):
         return [length_batches(order[a:b], lengths, c.batch_size, generator) for a, b in pieces]
 
     def train_piece(self, batches: list[list[int]], bar: tqdm | None) -> float:
-        """Update steps over ``batches``; returns the mean loss per token."""
+        """Update steps over ``batches``; returns the mean loss per token (of several processes: this process's
+        share of it)."""
         total, tokens = 0.0, 0
         self.model.train()
         for indices in batches:
-            batch = make_batch([self.data["train"][i] for i in indices]).to(self.device)
+            tokens += sum(len(self.data["train"][i].words) for i in indices)  # of the whole minibatch
+            batch = make_batch([self.data["train"][i] for i in self.dist.shard(indices, mean_loss=False)]).to(self.device)
             value = self.update_step(lambda: self.batch_loss(batch))  # noqa: B023 - called at once
-            n = int(batch.lengths.sum())
-            total, tokens = total + value, tokens + n
-            self.step_postfix(bar, value / n)
+            total += value
+            self.step_postfix(bar, value / max(int(batch.lengths.sum()), 1))
         return total / max(tokens, 1)
 
     def batch_loss(self, batch: Batch) -> torch.Tensor:
         """Summed token loss of ``batch``, with word dropout on its words."""
         words = word_dropout(batch.words, self.counts, self.config.word_dropout)
-        return self.model.loss(self.model(Batch(words, batch.features, batch.tags, batch.lengths)), batch.tags)
+        return self.model.loss(self.net(Batch(words, batch.features, batch.tags, batch.lengths)), batch.tags)
 
     @torch.no_grad()
     def accuracy(self, split: str) -> float:

@@ -319,7 +319,8 @@ class Trainer:
         set_rng_state(state["rng_processes"][self.dist.procs.rank] if "rng_processes" in state else state["rng"])
         epoch, chunk = self.position
         where = "its last epoch is done" if epoch >= self.config.epochs else f"epoch {epoch + 1}, piece {chunk + 1}"
-        tqdm.write(f"resuming {self.checkpoint_path} after {self.step} update steps: {where}")
+        if self.dist.main:
+            tqdm.write(f"resuming {self.checkpoint_path} after {self.step} update steps: {where}")
 
 
 def run_with_baseline(
