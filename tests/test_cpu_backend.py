@@ -1,7 +1,8 @@
 """The ``cpu`` backend against the float64 reference: indices, products, hits, threads, fallback.
 
-The first run compiles the C++ kernel (about 25 s on 2 cores); later runs load it from the torch
-extensions cache.
+The kernel tests run at every instruction-set level this machine executes (:data:`LEVELS`: ``native``
+and each named level below the best one, e.g. ``x86-64-v3`` on an AVX-512 machine). The first run
+builds each level (1-2 minutes each on 2 cores); later runs load them from their build folders.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from mesimp_gpu.backends import load_backend
 from mesimp_gpu.backends.base import InvalidGradientError
-from mesimp_gpu.backends.cpu import DENSE_PRODUCTS_FRACTION
+from mesimp_gpu.backends import cpu as cpu_module
+from mesimp_gpu.backends.cpu import ARCH_LEVELS, DENSE_PRODUCTS_FRACTION, level_backend, runnable_levels
 from mesimp_gpu.backends.reference import topk_mask
 from mesimp_gpu.meprop import MePropConfig, MePropLinear, MePropMode, random_indices
 from reference import REF, assert_close_to_reference, assert_valid_selection, gradient
@@ -35,12 +38,24 @@ SHAPES = [
     (6, 10, 10, 15),
     (64, 130, 257, 20),
     (17, 301, 64, 63),
+    (9, 70, 257, 40),  # k above the kernel's 8-term passes of a weighted row sum
 ]
 
 
-@pytest.fixture(scope="module")
-def cpu():
-    return load_backend("cpu")
+def levels_to_test() -> list[str]:
+    """``native`` and every named level this CPU runs except its best one (which ``native`` covers)."""
+    named = [level for level in runnable_levels() if level != "native"]
+    return ["native", *named[:-1]]
+
+
+LEVELS = levels_to_test()
+
+
+@pytest.fixture(scope="module", params=LEVELS)
+def cpu(request: pytest.FixtureRequest):
+    backend = level_backend(request.param)
+    assert backend.arch == request.param
+    return backend
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -244,3 +259,78 @@ def test_missing_compiler_falls_back_to_torch(tmp_path):
     assert "AUTO: torch" in run.stdout
     warnings = [line for line in run.stderr.splitlines() if "skipping cpu" in line]
     assert len(warnings) == 1 and "compiler" in warnings[0]
+
+
+def test_levels_agree_bit_for_bit(seed):
+    """Every level sums each element in the same order (the vector tails too), so the AVX2 and AVX-512
+    builds give the same bits; widths with tails at every vector size."""
+    if len(LEVELS) < 2:
+        pytest.skip(f"this machine runs one level only ({LEVELS})")
+    g, x, w = gradient(37, 203, "halves"), torch.randn(37, 77), torch.randn(203, 77)
+    idx = random_indices(37, 203, 30, g.device)
+    results = {}
+    for level in LEVELS:
+        backend = level_backend(level)
+        results[level] = (*backend.topk_backward(g, x, w, 30), *backend.sparse_backward(g, idx, x, w))
+    first, *others = results.values()
+    for other in others:
+        for a, b in zip(first, other):
+            assert torch.equal(a, b)
+
+
+def test_build_folders_are_keyed_by_level_torch_and_python(monkeypatch):
+    """Two environments (another torch install or Python) never share, and so never rebuild, a folder."""
+    from torch.utils import cpp_extension
+
+    names = {level: cpu_module.build_directory(level)[0] for level in ARCH_LEVELS}
+    assert len(set(names.values())) == len(ARCH_LEVELS)
+    assert all(name.startswith(f"mesimp_cpu_{level.replace('-', '_')}_") for level, name in names.items())
+    before = cpu_module.build_directory("x86-64-v3")
+    monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: ["/another/venv/torch/include"])
+    other_torch = cpu_module.build_directory("x86-64-v3")
+    monkeypatch.setattr(sys.implementation, "cache_tag", "cpython-399")
+    other_python = cpu_module.build_directory("x86-64-v3")
+    assert len({before, other_torch, other_python}) == 3
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/some/root")
+    assert cpu_module.build_directory("x86-64-v3")[1].parent == Path("/some/root/mesimp_gpu")
+
+
+def test_unknown_or_foreign_level_is_a_clear_error(monkeypatch):
+    from mesimp_gpu.backends import BackendUnavailable
+
+    monkeypatch.setenv("MESIMP_CPU_ARCH", "pentium")
+    with pytest.raises(BackendUnavailable, match="MESIMP_CPU_ARCH='pentium'.*x86-64-v3"):
+        cpu_module.CpuBackend()
+    foreign = [level for level in ARCH_LEVELS if level not in runnable_levels()]
+    if foreign:
+        with pytest.raises(BackendUnavailable, match="cannot run here"):
+            cpu_module.CpuBackend(foreign[0])
+
+
+def test_failed_build_falls_back_to_torch_with_the_compilers_message(tmp_path):
+    """A compiler that fails: one line announces the build, the error names the compiler's first error, and
+    ``auto`` uses torch. Runs in a fresh interpreter with its own (empty) extensions folder."""
+    fake = tmp_path / "c++"
+    # answers torch's version probe like the real compiler, fails every compile
+    fake.write_text("#!/bin/sh\ncase \"$1\" in --version|-v|-dumpversion) exec c++ \"$@\";; esac\n"
+                    "echo 'main.cpp:12:3: error: simulated failure' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    script = textwrap.dedent(
+        """
+        import logging
+        from mesimp_gpu.backends import BackendUnavailable, get_backend, load_backend
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        try:
+            load_backend("cpu")
+        except BackendUnavailable as exc:
+            print("BY NAME:", exc)
+        print("AUTO:", get_backend("auto", "cpu").name)
+        """
+    )
+    env = dict(os.environ, CXX=str(fake), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), MESIMP_CPU_ARCH="native")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "main.cpp:12:3: error: simulated failure" in run.stdout
+    assert "AUTO: torch" in run.stdout
+    announced = [line for line in run.stderr.splitlines() if "building the cpu backend's kernels for native" in line]
+    assert len(announced) == 1 and "minutes" in announced[0]

@@ -24,12 +24,20 @@ more comes from a small pool of recycled, huge-page-advised buffers (a fresh one
 faults than the sparse products), and from 8 MiB on it is written with streaming stores.
 
 The kernel also holds the lazy optimizers' in-place row updates (``sgd_rows_``, ``adam_rows_``,
-``adagrad_rows_``: one pass per row, all cores) and their union of touched rows. It is compiled
-with ``-O3 -march=native`` by :func:`torch.utils.cpp_extension.load_inline` into the torch extensions
-directory (``TORCH_EXTENSIONS_DIR``); its name carries a hash of the source and of the CPU's feature
-flags, so a cache shared between machines never loads code built for another CPU. Without a working
-compiler (or ninja) the constructor raises :class:`BackendUnavailable`, which ``auto`` logs before
-falling back to the ``torch`` backend.
+``adagrad_rows_``: one pass per row, all cores) and their union of touched rows.
+
+Building. The kernels are compiled by :func:`torch.utils.cpp_extension.load_inline` (``-O3``) for one
+instruction-set level, :data:`ARCH_ENV` (``MESIMP_CPU_ARCH``): ``native`` (the default: this CPU's
+``-march=native``), ``x86-64-v3`` (AVX2 and FMA), ``x86-64-v4`` (AVX-512) or ``armv8-a`` (NEON), so
+that the AVX2 code is built, tested and timed on an AVX-512 machine too. ``cpu_simd.h`` picks the
+vector width and register tiles from the level's predefined macros. Each build has its own folder
+under the torch extensions root (``TORCH_EXTENSIONS_DIR``, else torch's default), named after the
+level and a hash of the sources, the flags, the CPU's features (for ``native``), the torch build
+(version, commit, include paths) and the Python ABI: two virtual environments never rebuild each
+other's extension, and a cache shared between machines never loads code built for another CPU. The
+first build of a folder prints one line (what it builds, roughly how long). Without a working compiler
+(or ninja), or when the build fails, the constructor raises :class:`BackendUnavailable` with the
+compiler's first error, which ``auto`` logs before falling back to the ``torch`` backend.
 
 Unified top-k is the shared :meth:`~mesimp_gpu.backends.base.Backend.unified_backward` (two BLAS
 GEMMs on ``G[:, S]`` and ``W[S]``) with the kernel's selection, and its :meth:`CpuBackend.scatter_rows`
@@ -40,11 +48,15 @@ portable code: the ``torch`` backend's, or the base class's row updates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -57,49 +69,151 @@ from mesimp_gpu.machine import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HERE = Path(__file__).parent
+#: the extension's translation unit and the headers it includes (all hashed into the build's name)
+SOURCES = [HERE / "cpu_kernels.cpp", HERE / "cpu_simd.h", HERE / "cpu_core.h"]
 FUNCTIONS = ["topk_indices", "sparse_backward", "topk_backward", "scatter_rows", "union_rows", "lazy_sgd_",
-             "lazy_adam_", "lazy_adagrad_"]
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp"]
+             "lazy_adam_", "lazy_adagrad_", "simd_info"]
+#: flags of every level; -fvisibility=hidden keeps two levels' builds in one process apart
+CFLAGS = ["-O3", "-ffp-contract=fast", "-fno-math-errno", "-fopenmp", "-fvisibility=hidden"]
 NATIVE_DTYPES = (torch.float32, torch.float64)
 #: kept fraction k / out above which the products are BLAS GEMMs on the masked gradient
 DENSE_PRODUCTS_FRACTION = 0.25
 
+#: the environment variable that chooses the instruction-set level of the build
+ARCH_ENV = "MESIMP_CPU_ARCH"
+DEFAULT_ARCH = "native"
 
-def load_kernels() -> ModuleType:
-    """Compile (first use, tens of seconds) or load from cache the C++ kernels.
 
-    Raises :class:`~mesimp_gpu.backends.BackendUnavailable` when building fails for any reason
-    (no compiler, no ninja, a broken toolchain).
+@dataclass(frozen=True)
+class ArchLevel:
+    """One instruction-set level the kernels can be built for."""
+
+    machine: str | None  # platform.machine() it runs on (None: any)
+    flags: tuple[str, ...]  # compiler flags that select it
+    needs: tuple[str, ...]  # CPU feature flags (/proc/cpuinfo) it executes with
+    what: str  # for people
+
+
+#: level name -> how it is built and what it needs; ``native`` is whatever the compiler finds here
+ARCH_LEVELS: dict[str, ArchLevel] = {
+    "native": ArchLevel(None, ("-march=native",), (), "this CPU's instruction set"),
+    "x86-64-v3": ArchLevel("x86_64", ("-march=x86-64-v3",), ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+                           "AVX2 and FMA"),
+    "x86-64-v4": ArchLevel("x86_64", ("-march=x86-64-v4",),
+                           ("avx2", "fma", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"), "AVX-512"),
+    "armv8-a": ArchLevel("aarch64", ("-march=armv8-a",), (), "NEON"),
+}
+
+#: a build's rough duration on 2 cores, for the line printed before it
+BUILD_MINUTES = "1-2 minutes"
+
+
+def arch_from_env() -> str:
+    """The level :data:`ARCH_ENV` chooses (default ``native``); an unknown name raises :class:`BackendUnavailable`."""
+    from mesimp_gpu.backends import BackendUnavailable
+
+    arch = os.environ.get(ARCH_ENV, "").strip() or DEFAULT_ARCH
+    if arch not in ARCH_LEVELS:
+        raise BackendUnavailable(f"{ARCH_ENV}={arch!r} is not a level the cpu backend knows; choose one of: "
+                                 f"{', '.join(ARCH_LEVELS)}")
+    return arch
+
+
+def runnable_levels() -> list[str]:
+    """The levels of :data:`ARCH_LEVELS` this machine can execute, ``native`` first."""
+    machine, flags = platform.machine(), set(cpu_flags())
+    return [name for name, level in ARCH_LEVELS.items()
+            if level.machine in (None, machine) and all(f in flags for f in level.needs)]
+
+
+def check_arch(arch: str) -> ArchLevel:
+    """The level called ``arch``; :class:`BackendUnavailable` when it is unknown or this CPU cannot run it."""
+    from mesimp_gpu.backends import BackendUnavailable
+
+    level = ARCH_LEVELS.get(arch)
+    if level is None:
+        raise BackendUnavailable(f"cpu backend level {arch!r} is unknown ({ARCH_ENV} or --cpu-arch); choose one of: "
+                                 f"{', '.join(ARCH_LEVELS)}")
+    if arch not in runnable_levels():
+        missing = [f for f in level.needs if f not in set(cpu_flags())]
+        where = f"lacks {', '.join(missing)}" if missing else f"is {platform.machine()}, not {level.machine}"
+        raise BackendUnavailable(f"cpu backend level {arch!r} ({level.what}) cannot run here: this CPU {where}; "
+                                 f"choose one of: {', '.join(runnable_levels())}")
+    return level
+
+
+def build_key(arch: str) -> str:
+    """What the build of ``arch`` depends on, hashed: sources, flags, CPU (native only), torch build, Python."""
+    from torch.utils import cpp_extension
+
+    parts = [*(path.read_text() for path in SOURCES), " ".join(CFLAGS + list(ARCH_LEVELS[arch].flags)),
+             torch.__version__, str(torch.version.git_version), " ".join(cpp_extension.include_paths()),
+             str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.implementation.cache_tag, platform.machine(),
+             os.environ.get("CXX", "c++")]
+    if arch == "native":
+        parts.append(" ".join(cpu_flags()))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def build_directory(arch: str) -> tuple[str, Path]:
+    """The extension's module name and its own build folder for ``arch`` in this environment."""
+    from torch.utils import cpp_extension
+
+    name = f"mesimp_cpu_{arch.replace('-', '_')}_{build_key(arch)}"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return name, root / "mesimp_gpu" / name
+
+
+def compiler_message(exc: BaseException) -> str:
+    """The compiler's first error line (``file:line:col: error: ...``) in a failed build's message, else its
+    last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if ": error:" in line or ": fatal error:" in line]
+    return (errors or lines or [repr(exc)])[0 if errors else -1]
+
+
+def load_kernels(arch: str | None = None) -> ModuleType:
+    """Compile (first use in an environment: a minute or two) or load from its folder the C++ kernels for ``arch``
+    (default: :func:`arch_from_env`).
+
+    Raises :class:`~mesimp_gpu.backends.BackendUnavailable` when the level cannot run here or building
+    fails for any reason (no compiler, no ninja, a broken toolchain), with the compiler's message.
     """
     from mesimp_gpu.backends import BackendUnavailable  # the registry imports this module lazily
 
     from torch.utils import cpp_extension
 
+    arch = arch or arch_from_env()
+    level = check_arch(arch)
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise BackendUnavailable(f"backend 'cpu' needs a C++ compiler to build its kernels; {compiler!r} was not found")
     if not cpp_extension.is_ninja_available():
         raise BackendUnavailable("backend 'cpu' needs ninja to build its kernels (pip install ninja)")
-    source = SOURCE.read_text()
-    digest = hashlib.sha256((source + " ".join(cpu_flags()) + " ".join(CFLAGS)).encode()).hexdigest()[:12]
+    name, folder = build_directory(arch)
+    if not (folder / f"{name}.so").exists():
+        print(f"mesimp-gpu: building the cpu backend's kernels for {arch} ({level.what}) with {compiler} in {folder}; "
+              f"this takes {BUILD_MINUTES} once per environment and level", file=sys.stderr, flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     try:
         module = cpp_extension.load_inline(
-            name=f"mesimp_cpu_kernels_{digest}",
-            cpp_sources=[source],
+            name=name,
+            cpp_sources=[SOURCES[0].read_text()],
             functions=FUNCTIONS,
-            extra_cflags=CFLAGS,
+            extra_cflags=CFLAGS + list(level.flags),
             extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(HERE)],
+            build_directory=str(folder),
             verbose=False,
         )
     except Exception as exc:  # any failure to build means "not available here"
-        last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
         raise BackendUnavailable(
-            f"backend 'cpu' could not build its kernels with the C++ compiler {compiler!r} "
-            f"({type(exc).__name__}: {last_line}); use backend 'torch' instead"
+            f"backend 'cpu' could not build its kernels for {arch} with the C++ compiler {compiler!r} "
+            f"({type(exc).__name__}: {compiler_message(exc)}); use backend 'torch' instead"
         ) from exc
-    log.info("cpu kernels ready in %.1f s", time.perf_counter() - start)
+    log.info("cpu kernels for %s ready in %.1f s", arch, time.perf_counter() - start)
     return module
 
 
@@ -108,8 +222,10 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self) -> None:
-        self.ops = load_kernels()
+    def __init__(self, arch: str | None = None) -> None:
+        """Build or load the kernels for level ``arch`` (default: ``MESIMP_CPU_ARCH``, else ``native``)."""
+        self.arch = arch or arch_from_env()
+        self.ops = load_kernels(self.arch)
         self.portable = TorchBackend()
 
     @staticmethod
@@ -227,6 +343,14 @@ class CpuBackend(Backend):
         if not self.handles_rows(p, grad, state_sum):
             return super().adagrad_rows_(p, grad, rows, state_sum, lr, eps, clip)
         self.ops.lazy_adagrad_(p, grad, state_sum, _kernel_rows(rows), lr, eps, clip or 0.0)
+
+
+@functools.cache
+def level_backend(arch: str) -> CpuBackend:
+    """The cpu backend built for level ``arch``, once per process and level. The registry's ``cpu`` is the
+    level of ``MESIMP_CPU_ARCH``; this one lets tests and the bench run several levels side by side (each
+    level is its own extension module, so they coexist in one process)."""
+    return CpuBackend(arch)
 
 
 def _kernel_rows(rows: Tensor | None) -> Tensor | None:
