@@ -66,7 +66,7 @@ class BenchConfig:
     device: str = "cpu"  # cpu, cuda or cuda:N
     suites: tuple[Suite, ...] = tuple(Suite)  # suites to run, in this order
     quick: bool = False  # True: the ~one-minute preset (QUICK); recorded in the results
-    threads: int = 0  # CPU threads for torch (and the cpu backend); 0: all cores of this process
+    threads: int | None = None  # CPU threads for torch (and the cpu backend); None: all cores of this process
     batches: tuple[int, ...] = (10, 100, 1024)  # layer and topk suites: minibatch sizes
     widths: tuple[int, ...] = (500, 2048, 4096, 8192)  # layer and topk suites: layer width n (in = out = n)
     ks: tuple[int, ...] = (5, 20, 128, 160)  # kept entries per example; values >= n are left out
@@ -90,7 +90,8 @@ class BenchConfig:
     parse_hidden: int = 500  # parse suite: hidden units of the parser (the papers: 500)
     parse_decode_repeats: int = 5  # parse suite: timed passes over dev per parser (after one untimed pass)
     ud_dir: str | None = None  # parse suite: folder with *train/*dev/*test.conllu[.gz]; default: MESIMP_UD_DIR
-    out_dir: str = "bench/results"  # where bench-<device>-<time>.json and its plots are written
+    out_dir: str = "runs/bench"  # where bench-<device>-<time>.json and its plots are written (relative: to the
+    # current folder, like every run folder)
     seed: int = 0  # seeds the inputs of every configuration
 
     def __post_init__(self) -> None:
@@ -100,8 +101,8 @@ class BenchConfig:
                 raise ValueError(f"--{name} needs positive values, got {list(values)}")
         if not self.suites:
             raise ValueError("choose at least one --suite")
-        if self.threads < 0:
-            raise ValueError(f"--threads must be 0 (all cores) or positive, got {self.threads}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1 (leave it out for all cores), got {self.threads}")
         if not 0 <= self.k_fraction < 1:
             raise ValueError(f"--k-fraction must be in [0, 1), got {self.k_fraction}")
         if self.min_repeats < 1 or self.max_repeats < self.min_repeats:
@@ -119,7 +120,7 @@ class BenchConfig:
 
     @property
     def thread_count(self) -> int:
-        """The thread count actually used: ``threads``, or all cores when 0."""
+        """The thread count actually used: ``threads``, or all cores when None."""
         return self.threads or all_cores()
 
     def layer_ks(self, width: int) -> list[int]:

@@ -10,43 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from mesimp_gpu.backends.check import GradientKind, gradient
 from mesimp_gpu.backends.reference import ReferenceBackend
+from mesimp_gpu.backends.reference import tolerance as reference_tolerance
 
 #: the reference backend: float64, dense masks, a stable sort (slow and obviously right)
 REF = ReferenceBackend()
-
-#: dtype -> (atol, rtol) of a result computed in that dtype against the float64 reference, both compared
-#: in float64. The entry holds as it is for the CPU tests' shapes (sums of up to a few dozen terms);
-#: ``tolerance(dtype, terms=n)`` scales atol by sqrt(n) for longer sums (rounding errors add like a
-#: random walk). "Worst" below: the largest |error| / (atol + rtol |expected|) over 11 runs of the
-#: touched tests (10 fixed seeds, one random), Intel Xeon with AVX-512, Triton in its interpreter.
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    # Only the order of the additions differs from the reference (u = 1.1e-16). Worst: 1/700 (cpu
-    # backend, sums of 20 terms), 1/1400 through the LSTM's time steps, optimizer steps and pruning.
-    # Before the table: 1e-12 (LSTM vs nn.LSTM, lazy optimizers, pruning), 1e-10 (cpu backend, LSTM
-    # vs its autograd reference: now 100x tighter), torch's default 1e-7 (cpu unified products).
-    torch.float64: (1e-12, 1e-12),
-    # Products accumulated in float32 (u = 6e-8), and float32 optimizer steps against torch.optim's.
-    # Worst: 1/7 (cpu products with flushed subnormals), 1/8 (Triton backend), 1/10 (cpu dx summing 20
-    # of 257 columns, with terms). Before: 1e-5 (meprop, Triton, CuPy products; GPU row updates: the
-    # same), 1e-4 (cpu backend: its shapes now pass ``terms``, 1e-5 * sqrt(n) up to 8e-5, and rtol
-    # 1e-5), atol 1e-6 / rtol 1e-5 (row updates against torch.optim: atol now 10x looser, which still
-    # sees a wrong state, step count or clip, as those move a weight by 1e-3 or more).
-    torch.float32: (1e-5, 1e-5),
-    # Results rounded to float16's 11-bit significand (u = 4.9e-4) from float32 arithmetic: 4u also
-    # covers a rounding flipped by one ulp between two float32 computations. Worst: 1/13 (row updates).
-    # Before: 1e-2 (half-precision row updates); the gpu-marked products keep 2e-2 per sqrt(k) through
-    # GPU_MARGIN.
-    torch.float16: (2e-3, 2e-3),
-    # bfloat16's 8-bit significand (u = 3.9e-3): the same 4u. Worst: 1/4 (row updates). Before: atol
-    # 5e-2, rtol 1e-2 (row updates).
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 
 #: the gpu-marked products at realistic sizes have never run in CI (no CUDA there) and no GPU run has
 #: recorded their errors yet, so they keep this factor over the table on atol and rtol: exactly the
@@ -56,17 +29,10 @@ GPU_MARGIN = 10.0
 
 
 def tolerance(dtype: torch.dtype, terms: int | None = None, *, gpu: bool = False) -> tuple[float, float]:
-    """``(atol, rtol)`` for a result in ``dtype`` against the float64 reference.
-
-    ``terms``: how many products each compared element sums, for sums longer than the CPU tests' shapes
-    (atol grows with ``sqrt(terms)``). ``gpu``: a gpu-marked product at realistic size, not yet measured
-    on a GPU (:data:`GPU_MARGIN`).
-    """
-    atol, rtol = TOLERANCES[dtype]
-    if terms is not None:
-        if terms < 1:
-            raise ValueError(f"terms must be at least 1, got {terms}")
-        atol *= math.sqrt(terms)
+    """``(atol, rtol)`` for a result in ``dtype`` against the float64 reference
+    (:func:`mesimp_gpu.backends.reference.tolerance`); ``gpu``: a gpu-marked product at realistic size, not
+    yet measured on a GPU (:data:`GPU_MARGIN`)."""
+    atol, rtol = reference_tolerance(dtype, terms)
     if gpu:
         atol, rtol = atol * GPU_MARGIN, rtol * GPU_MARGIN
     return atol, rtol
@@ -96,50 +62,6 @@ def assert_close_to_reference(
 
 
 # ------------------------------------------------------------------------------------------ inputs
-
-GradientKind = Literal["random", "ties", "sparse", "tiny", "halves"]
-
-#: float32 values of the ``tiny`` kind: subnormals, the smallest subnormal (2e-45 rounds to 1.4e-45),
-#: signed zeros, +-x pairs (equal magnitudes) and the smallest normals
-_TINY = torch.tensor([1e-40, -1e-40, 2e-45, -0.0, 0.0, 1e-38, -1e-38], dtype=torch.float32)
-
-
-def gradient(
-    rows: int,
-    cols: int,
-    kind: GradientKind = "random",
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """An output gradient ``[rows, cols]`` in ``dtype`` on ``device``, drawn on the CPU from torch's RNG
-    (the same values on every device for one seed; NumPy tests take ``.numpy()``).
-
-    - ``random``: standard normal.
-    - ``ties``: integers in [-3, 3]: ties at every threshold, +x/-x pairs and zeros.
-    - ``sparse``: normal entries kept with probability 0.1 (rows with fewer non-zeros than k), row 0 all zero.
-    - ``tiny``: float32 subnormals, signed zeros and +-x pairs (the float32 bits a kernel must rank right).
-    - ``halves``: normal, every other column rounded to a multiple of 0.5 (exact ties, +x/-x among
-      continuous values), 20% zeros, and row 1 all zero when there are more than two rows.
-    """
-    if kind == "random":
-        g = torch.randn(rows, cols, dtype=torch.float64)
-    elif kind == "ties":
-        g = torch.randint(-3, 4, (rows, cols)).double()
-    elif kind == "sparse":
-        g = torch.randn(rows, cols, dtype=torch.float64) * (torch.rand(rows, cols) < 0.1)
-        g[0] = 0.0
-    elif kind == "tiny":
-        g = _TINY[torch.randint(0, len(_TINY), (rows, cols))]
-    elif kind == "halves":
-        g = torch.randn(rows, cols, dtype=torch.float64)
-        g[:, ::2] = (g[:, ::2] * 2).round() / 2
-        g[torch.rand(rows, cols) < 0.2] = 0.0
-        if rows > 2:
-            g[1] = 0.0
-    else:
-        raise ValueError(f"unknown gradient kind {kind!r}")
-    return g.to(dtype=dtype, device=device)
-
 
 def with_ties(g: Tensor) -> Tensor:
     """A copy of ``g`` (``[B, n]``) with ties and zeros planted: row 0 constant magnitude with alternating

@@ -115,10 +115,10 @@ def test_layer_ks_and_presets():
     assert make_config().batches == (10, 100, 1024)
     assert Suite.PARSE in BenchConfig().suites and BenchConfig().parse_limit is None  # all of the treebank
     assert make_config(quick=True).parse_limit == QUICK["parse_limit"] and make_config(quick=True).parse_epochs == 1
-    assert BenchConfig(threads=0).thread_count >= 1
+    assert BenchConfig().thread_count >= 1
 
 
-@pytest.mark.parametrize("changes", [dict(batches=(0,)), dict(ks=()), dict(threads=-1), dict(min_repeats=0),
+@pytest.mark.parametrize("changes", [dict(batches=(0,)), dict(ks=()), dict(threads=0), dict(min_repeats=0),
                                      dict(min_repeats=5, max_repeats=2), dict(k_fraction=1.0), dict(suites=()),
                                      dict(parse_limit=0), dict(parse_epochs=0), dict(parse_decode_repeats=0),
                                      dict(parse_k=30, parse_hidden=20)])

@@ -8,6 +8,7 @@ import logging
 import typer
 
 from mesimp_gpu.cli.bench import bench_command
+from mesimp_gpu.cli.check import check_command
 from mesimp_gpu.cli.evaluate import evaluate_command
 from mesimp_gpu.cli.inference import parse_command, tag_command
 from mesimp_gpu.cli.train import train_app
@@ -19,6 +20,7 @@ app.command("evaluate")(evaluate_command)
 app.command("tag")(tag_command)
 app.command("parse")(parse_command)
 app.command("bench")(bench_command)
+app.command("check")(check_command)
 
 
 def main() -> None:

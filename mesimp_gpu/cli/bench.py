@@ -19,7 +19,7 @@ def bench_command(
     device: str = typer.Option(_BENCH.device, help="cpu, cuda or cuda:N (cuda adds a calibration of the GPU)."),
     suite: Optional[list[Suite]] = typer.Option(None, help="Suite to run (repeatable). Default: all."),
     quick: bool = typer.Option(False, help="The ~one-minute preset: small grid, few repeats, short training."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch; 0: all cores (default)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: all cores)."),
     batch: Optional[list[int]] = typer.Option(None, help=f"Batch size (repeatable). Default: {_BENCH.batches}."),
     width: Optional[list[int]] = typer.Option(None, help=f"Layer width n (repeatable). Default: {_BENCH.widths}."),
     k: Optional[list[int]] = typer.Option(None, help=f"Kept entries k (repeatable). Default: {_BENCH.ks}."),

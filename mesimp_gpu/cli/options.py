@@ -71,7 +71,29 @@ def backend_option(default: str) -> Any:
 
 
 def resume_option() -> Any:
-    return typer.Option(False, help="Continue the run whose checkpoint is in --out.")
+    return typer.Option(False, help="Continue the run whose checkpoint is in --out (same options).")
+
+
+def overwrite_option() -> Any:
+    return typer.Option(False, "--overwrite", help="Replace the run already in --out (its results, checkpoint, "
+                        "model and plots are deleted first).")
+
+
+def out_option(task: str, writes: str) -> Any:
+    return typer.Option(None, help=f"Folder for {writes}. Default: a new runs/{task}-<date>-<time>; a folder that "
+                        "already holds a run needs --resume or --overwrite.")
+
+
+def limit_option(unit: str) -> Any:
+    return typer.Option(None, help=f"Quick runs: train on the first N {unit} only, and score dev and test on their "
+                        "first max(N // 10, 100).")
+
+
+def limit_note(limit: int | None, unit: str) -> str:
+    """What the result line adds when ``--limit`` cut the data: the scores are on subsets."""
+    if limit is None:
+        return ""
+    return f" (--limit {limit}: scored on the first {max(limit // 10, 100)} dev and test {unit} only)"
 
 
 def progress_option(default: bool) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from mesimp_gpu.cli.errors import given_options, user_errors
+from mesimp_gpu.cli.errors import given_options, resumable, user_errors
 from mesimp_gpu.cli.options import (
     comm_option,
     dist_timeout_option,
@@ -19,9 +19,13 @@ from mesimp_gpu.cli.options import (
     cycle_option,
     device_option,
     field_default,
+    limit_note,
+    limit_option,
     lr_option,
     nonzero_hits_option,
     optimizer_option,
+    out_option,
+    overwrite_option,
     progress_option,
     prune_option,
     reset_moments_option,
@@ -39,6 +43,7 @@ from mesimp_gpu.train.parse import ParseConfig
 from mesimp_gpu.train.parse import Preset as ParsePreset
 from mesimp_gpu.train.pos import PosConfig
 from mesimp_gpu.train.records import network_line
+from mesimp_gpu.train.run_folder import prepare_run_folder
 from mesimp_gpu.train.distributed import Comm, DistributedOptions, in_processes
 from mesimp_gpu.train.settings import Method
 
@@ -104,9 +109,8 @@ def train_mnist_command(
     backend: str = backend_option(_DEFAULT.backend),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (raw or .gz). Default: "
                                             "$MESIMP_DATA_DIR, then the cache, then download."),
-    out: Path = typer.Option(Path(_DEFAULT.out), help="Folder for results.json, checkpoint.pt, model.json/model.pt "
-                             "and the plots."),
-    limit: Optional[int] = typer.Option(None, help="Train on the first N images only (quick runs)."),
+    out: Optional[Path] = out_option("mnist", "results.json, checkpoint.pt, model.json/model.pt and the plots"),
+    limit: Optional[int] = limit_option("images"),
     resume: bool = resume_option(),
     nproc: int = nproc_option(),
     comm: Comm = comm_option(),
@@ -114,6 +118,7 @@ def train_mnist_command(
     progress: bool = progress_option(_DEFAULT.progress),
 ) -> None:
     """Train the 784-H-...-H-10 MNIST MLP; prints a summary table (accuracy, kept neurons, parameters, time).
+    overwrite: bool = overwrite_option(),
 
     Default: meSimp (k 160, prune 0.1, two hidden layers of 500), 2 epochs in 1-epoch cycles; minutes on 2 CPU cores.
     Epoch 1 prunes after each of its 8 chunks, epoch 2 trains the fixed sizes.
@@ -125,19 +130,21 @@ def train_mnist_command(
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy, grad_sum=grad_sum,
+        out = prepare_run_folder(out, "mnist", resume, overwrite)
             chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, hits=hits, order=order,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
         )
-        if preset is not None:  # the preset fills every option the user did not give
-            settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
+        if preset is not None:  # the preset fills every option the user did not give (the folder is chosen here)
+            settings = {name: value for name, value in settings.items() if name in given_options(ctx) | {"out"}}
         config = mnist_config(preset, **settings)
-        results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_mnist, config, resume)
+        with resumable(ctx, out):
+            results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_mnist, config, resume)
         if results is None:  # one of several processes torchrun started: process 0 reports
             return
     typer.echo(summary_table(results))
-    typer.echo(f"{network_line(results['final'])} | results in {out / 'results.json'}, "
-               f"model (at the best dev score) in {out / 'model.json'}")
+    typer.echo(f"{network_line(results['final'])}{limit_note(limit, 'images')} | "
+               f"results in {out / 'results.json'}, model (at the best dev score) in {out / 'model.json'}")
 
 
 
@@ -152,6 +159,7 @@ def train_pos_command(
                                   "top-k of the LSTM gate gradient (the paper); unified: one top-k set per step and "
                                   "minibatch; random: k random entries; mesimp: meprop plus pruning of rarely "
                                   "selected units."),
+    ctx: typer.Context,
     k: int = typer.Option(_pos_default("k"), help="Gate-gradient entries kept per example and step "
                           "(per gate with --selection per-gate)."),
     selection: GateSelection = typer.Option(_pos_default("selection"), help="Top-k over all 4H gate entries, or k "
@@ -186,8 +194,8 @@ def train_pos_command(
     train_file: Optional[Path] = typer.Option(None, help="Training CoNLL-U file (instead of --data-dir)."),
     dev_file: Optional[Path] = typer.Option(None, help="Dev CoNLL-U file (instead of --data-dir)."),
     test_file: Optional[Path] = typer.Option(None, help="Test CoNLL-U file (instead of --data-dir)."),
-    out: Path = typer.Option(Path(_pos_default("out")), help="Folder for results.json, checkpoint.pt and curves.png."),
-    limit: Optional[int] = typer.Option(None, help="Train on the first N sentences only (quick runs)."),
+    out: Optional[Path] = out_option("pos", "results.json, checkpoint.pt, model.json/model.pt and the plots"),
+    limit: Optional[int] = limit_option("sentences"),
     resume: bool = resume_option(),
     nproc: int = nproc_option(),
     comm: Comm = comm_option(),
@@ -196,6 +204,7 @@ def train_pos_command(
 ) -> None:
     """Train the POS tagger (meProp LSTM) on a CoNLL-U treebank; prints the test accuracy at the best dev score."""
     from mesimp_gpu.train.pos import train_pos
+    overwrite: bool = overwrite_option(),
 
     def text(path: Path | None) -> str | None:
         return None if path is None else str(path)
@@ -205,18 +214,20 @@ def train_pos_command(
             method=method, k=k, selection=selection, counting=counting, hidden=hidden, bidirectional=bidirectional,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
             word_dim=word_dim,
+        out = prepare_run_folder(out, "pos", resume, overwrite)
             feature_dim=feature_dim, word_dropout=word_dropout, tagset=tagset, chunks=chunks, prune=prune,
             cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits, seed=seed, device=device,
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
             dev_file=text(dev_file), test_file=text(test_file), out=str(out), limit=limit, progress=progress,
         )
-        results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_pos, config, resume)
+        with resumable(ctx, out):
+            results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_pos, config, resume)
         if results is None:  # one of several processes torchrun started: process 0 reports
             return
     final = results["final"]
     times = final["mean_epoch_seconds"]
     typer.echo(
-        f"{network_line(final)} | per epoch: forward {times['forward']:.1f}s, "
+        f"{network_line(final)}{limit_note(limit, 'sentences')} | per epoch: forward {times['forward']:.1f}s, "
         f"backward {times['backward']:.1f}s, update {times['update']:.1f}s | results in {out / 'results.json'}"
     )
 
@@ -273,9 +284,8 @@ def train_parse_command(
     train_file: Optional[Path] = typer.Option(None, help="Training CoNLL-U file (instead of --data-dir)."),
     dev_file: Optional[Path] = typer.Option(None, help="Dev CoNLL-U file (instead of --data-dir)."),
     test_file: Optional[Path] = typer.Option(None, help="Test CoNLL-U file (instead of --data-dir)."),
-    out: Path = typer.Option(Path(_parse_default("out")), help="Folder for results.json, checkpoint.pt, "
-                             "model.json/model.pt and the plots."),
-    limit: Optional[int] = typer.Option(None, help="Train on the first N sentences only (quick runs)."),
+    out: Optional[Path] = out_option("parse", "results.json, checkpoint.pt, model.json/model.pt and the plots"),
+    limit: Optional[int] = limit_option("sentences"),
     resume: bool = resume_option(),
     nproc: int = nproc_option(),
     comm: Comm = comm_option(),
@@ -284,6 +294,7 @@ def train_parse_command(
 ) -> None:
     """Train the transition parser (an MLP over 48 features, meProp/meSimp on its hidden layer) on a CoNLL-U
     treebank; prints test UAS/LAS at the best dev score.
+    overwrite: bool = overwrite_option(),
 
     Default: meSimp with 500 cube units, k 20, Adam, 2 epochs (minutes on 2 CPU cores on UD English EWT).
     """
@@ -297,15 +308,19 @@ def train_parse_command(
             method=method, k=k, hidden=hidden, dim=dim, activation=activation, dropout=dropout, l2=l2,
             input_dropout=input_dropout, word_dropout=word_dropout,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
+        out = prepare_run_folder(out, "parse", resume, overwrite)
             tagset=tagset, tagger=text(tagger), chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
             nonzero_hits=nonzero_hits, compare_same_size=compare_same_size, seed=seed, device=device,
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
             dev_file=text(dev_file), test_file=text(test_file), out=str(out), limit=limit, progress=progress,
         )
-        if preset is not None:  # the preset fills every option the user did not give
-            settings = {name: value for name, value in settings.items() if name in given_options(ctx)}
-        results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_parse, parse_config(preset, **settings), resume)
+        if preset is not None:  # the preset fills every option the user did not give (the folder is chosen here)
+            settings = {name: value for name, value in settings.items() if name in given_options(ctx) | {"out"}}
+        config = parse_config(preset, **settings)
+        with resumable(ctx, out):
+            results = in_processes(nproc, DistributedOptions(comm, dist_timeout), train_parse, config, resume)
         if results is None:  # one of several processes torchrun started: process 0 reports
             return
     typer.echo(f"{summary_line(results)} | final network: test UAS {results['final']['test_acc_final_network']:.2f}"
-               f" | results in {out / 'results.json'}, model (at the best dev score) in {out / 'model.json'}")
+               f"{limit_note(limit, 'sentences')} | results in {out / 'results.json'}, model "
+               f"(at the best dev score) in {out / 'model.json'}")

@@ -139,6 +139,10 @@ def locate(data_dir: str | Path | None = None, download: bool = True) -> dict[st
     explicit = data_dir or os.environ.get("MESIMP_DATA_DIR")
     if explicit:
         directory = Path(explicit).expanduser()
+        if not directory.is_dir():
+            source = "--data-dir" if data_dir else "$MESIMP_DATA_DIR"
+            raise DataNotFoundError(f"{source} {directory} is not a folder: give the folder holding the four MNIST "
+                                    f"IDX files, or leave {source} out to use the cache or download")
         try:
             return load_dir(directory)
         except FileNotFoundError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import random
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -67,10 +68,10 @@ def check_run_settings(config: Any, positive: dict[str, int]) -> None:
     for name, value in (("limit", config.limit), ("threads", config.threads)):
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
-    if config.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {config.lr}")
-    if config.clip is not None and config.clip <= 0:
-        raise ValueError(f"--clip must be positive, got {config.clip}")
+    if not 0 < config.lr < math.inf:  # written so that NaN fails too
+        raise ValueError(f"--lr must be a positive number, got {config.lr}")
+    if config.clip is not None and not 0 < config.clip < math.inf:
+        raise ValueError(f"--clip must be a positive number (0 disables clipping), got {config.clip}")
 
 
 def mesimp_schedule(config: Any) -> MesimpSchedule:
