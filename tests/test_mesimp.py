@@ -386,6 +386,21 @@ def test_moment_resets_before_pruning_skip_the_last_cycle(tmp_path: Path, mnist)
     assert all((h["moment_mass"] == 0) == h["moments_reset"] for h in history)
 
 
+class LearningRateProbe:
+    def on_chunk_end(self, trainer, epoch: int, chunk: int) -> dict:
+        return {"lr": {g["lr"] for g in trainer.optimizer.param_groups}}
+
+
+def test_final_lr_in_the_last_cycle_also_for_the_same_size_baseline(tmp_path: Path, mnist) -> None:
+    config = tiny(tmp_path, epochs=4, cycle=2, final_lr=1e-4, compare_same_size=True)
+    results = train_mnist(config, data=mnist, hooks=(LearningRateProbe(),))
+    assert [h["lr"] for h in results["history"]] == [{1e-3}] * 4 + [{1e-4}] * 4
+    baseline = json.loads((tmp_path / "same-size" / "results.json").read_text())
+    assert baseline["config"]["final_lr"] == 1e-4 and baseline["config"]["cycle"] == 2
+    with pytest.raises(ValueError, match="--final-lr"):
+        tiny(tmp_path, final_lr=1e-4, cycle=0)
+
+
 def test_results_name_the_final_network_and_its_test_score(tmp_path: Path, mnist) -> None:
     results = train_mnist(tiny(tmp_path, epochs=2), data=mnist)
     final = results["final"]
@@ -428,7 +443,9 @@ def test_paper_preset_is_the_reference() -> None:
         (Method.MESIMP, 160, 0.1, 100, 20, 8, 5, MomentReset.BEFORE_PRUNING)
     assert (c.sizes, c.optimizer, c.lr, c.clip, c.grad_sum, c.hits, c.order) == \
         ([784, 500, 500, 10], OptimizerName.ADAM, 1e-3, 5.0, True, HitRule.REFERENCE, PruneOrder.PRUNE_FIRST)
+    assert c.final_lr == 1e-4
     r = mnist_config(Preset.REFERENCE)
+    assert r.final_lr is None
     assert (r.hits, r.reset_moments, r.order) == (HitRule.REFERENCE, MomentReset.LAST_EPOCH, PruneOrder.EVALUATE_FIRST)
     assert (r.k, r.epochs, r.cycle, r.chunks, r.batch_size, r.sizes) == (160, 20, 5, 8, 100, [784, 500, 500, 10])
     assert mnist_config(Preset.PAPER, epochs=3).epochs == 3

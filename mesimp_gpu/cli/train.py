@@ -83,6 +83,9 @@ def train_mnist_command(
     batch_size: int = typer.Option(_DEFAULT.batch_size, help="Examples per update step."),
     optimizer: OptimizerName = optimizer_option(_DEFAULT.optimizer),
     lr: float = lr_option(_DEFAULT.lr),
+    final_lr: Optional[float] = typer.Option(None, help="Learning rate of the run's last cycle (its last --cycle "
+                                             "epochs, which meSimp does not prune with an even number of cycles); "
+                                             "default: --lr throughout."),
     clip: float = clip_option(_DEFAULT.clip),
     lazy: bool = typer.Option(_DEFAULT.lazy, help="Update only the weight rows that per-example meProp touched in "
                               "the step (exact for SGD and AdaGrad; Adam's moments then decay only on those rows, "
@@ -129,7 +132,8 @@ def train_mnist_command(
     with user_errors():
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
-            batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy, grad_sum=grad_sum,
+            batch_size=batch_size, optimizer=optimizer, lr=lr, final_lr=final_lr, clip=clip or None, lazy=lazy,
+            grad_sum=grad_sum,
         out = prepare_run_folder(out, "mnist", resume, overwrite)
             chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, hits=hits, order=order,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,

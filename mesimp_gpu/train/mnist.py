@@ -18,6 +18,7 @@ with the same settings (in ``out/same-size``), the paper's comparison.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ class MnistConfig:
     batch_size: int = 100  # examples per update
     optimizer: OptimizerName = OptimizerName.ADAM
     lr: float = 1e-3  # learning rate (the papers: Adam 0.001, AdaGrad 0.1)
+    final_lr: float | None = None  # learning rate of the run's last cycle (its last `cycle` epochs); None: lr
     clip: float | None = 5.0  # element-wise gradient clipping; None disables
     lazy: bool = False  # update only the weight rows meProp touched (mesimp_gpu.lazy_optim)
     grad_sum: bool = True  # sum the loss over the minibatch (reference) instead of averaging
@@ -76,6 +78,9 @@ class MnistConfig:
                                   "batch_size": self.batch_size, "chunks": self.chunks})
         if self.hidden_sizes is not None and (not self.hidden_sizes or min(self.hidden_sizes) < 1):
             raise ValueError(f"--hidden-sizes must be positive widths, got {list(self.hidden_sizes)}")
+        if self.final_lr is not None and not (0 < self.final_lr < math.inf and self.cycle >= 1):
+            raise ValueError(f"--final-lr must be a positive number and needs --cycle >= 1 (it sets the learning "
+                             f"rate of the last cycle); got {self.final_lr} with --cycle {self.cycle}")
         if self.compare_same_size and self.method is not Method.MESIMP:
             raise ValueError("--compare-same-size needs --method mesimp (it compares with the simplified sizes)")
         widest = max(self.sizes[1:-1])
@@ -101,15 +106,17 @@ class Preset(str, enum.Enum):
 PRESETS: dict[Preset, dict[str, Any]] = {
     # the C#'s hit rule and its moment resets after every chunk of a cycle's last epoch, less the resets
     # after the run's last prune step (which only damage the network the run ends with), prune before
-    # evaluating: the network at the end is small, and it is the one scored
+    # evaluating, and a tenth of the learning rate in the last (fixed-size) cycle: the network at the end
+    # is small and settled, and it is the one scored
     Preset.PAPER: dict(
         method=Method.MESIMP, k=160, hidden=500, layers=2, hidden_sizes=None, epochs=20, batch_size=100,
         optimizer=OptimizerName.ADAM, lr=1e-3, clip=5.0, grad_sum=True, chunks=8, prune=0.1, cycle=5,
         reset_moments=MomentReset.BEFORE_PRUNING, hits=HitRule.REFERENCE, order=PruneOrder.PRUNE_FIRST,
+        final_lr=1e-4,
     ),
 }
 PRESETS[Preset.REFERENCE] = {**PRESETS[Preset.PAPER], "reset_moments": MomentReset.LAST_EPOCH,
-                             "order": PruneOrder.EVALUATE_FIRST}
+                             "order": PruneOrder.EVALUATE_FIRST, "final_lr": None}
 
 
 def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
@@ -192,8 +199,16 @@ class MnistTrainer(Trainer):
         generator = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         return torch.randperm(len(self.train_set), generator=generator).to(self.device)
 
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of ``epoch``: ``final_lr`` in the run's last cycle (when set), else ``lr``."""
+        c = self.config
+        return c.final_lr if c.final_lr is not None and epoch >= c.epochs - c.cycle else c.lr
+
     def epoch_pieces(self, epoch: int) -> list[torch.Tensor]:
-        """The shuffled example indices of ``epoch``, cut into ``chunks`` pieces."""
+        """The shuffled example indices of ``epoch``, cut into ``chunks`` pieces; also sets the epoch's
+        learning rate (a function of the epoch alone, so a resumed run sets the same)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(epoch)
         order = self.epoch_order(epoch)
         return [order[a:b] for a, b in chunk_bounds(len(order), self.config.chunks)]
 
