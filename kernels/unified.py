@@ -9,11 +9,14 @@ these shapes cuBLAS runs at or near peak with tensor cores and is deterministic,
 score reduction and the selection, which torch would do in several passes with an unspecified tie
 order, are Triton kernels.
 
-The scores accumulate in float32, the rows summed in ascending order by one program per column
-block: deterministic, no atomics.
+The scores accumulate in float32 and deterministically, without atomics: program ``(c, p)`` sums the
+rows ``p, p + P, p + 2P, ...`` (in blocks of ``BLOCK_B``) of column block ``c`` element-wise into a
+``(BLOCK_B, BLOCK_N)`` accumulator, with one cross-warp reduction at the end (a reduction in every
+iteration would put a barrier in the loop), and writes partial sums ``[P, out]``; the ``P`` partials
+are then added in a fixed order. ``P`` is chosen so that the grid has about two programs per SM.
 
-Pointers: ``g_ptr`` ``[B, out]`` (contiguous), ``scores_ptr`` ``[out]`` float32.
-Grid: ``(ceil(out / BLOCK_N),)``.
+Pointers: ``g_ptr`` ``[B, out]`` (contiguous), ``partial_ptr`` ``[P, out]`` float32.
+Grid: ``(ceil(out / BLOCK_N), P)``.
 """
 
 from __future__ import annotations
@@ -25,19 +28,24 @@ from torch import Tensor
 
 from mesimp_gpu.kernels import launch
 
+#: SMs assumed where the device cannot be asked (the interpreter)
+_DEFAULT_SMS = 4
+
 
 @triton.jit
-def _column_abs_sum_kernel(g_ptr, scores_ptr, batch, n, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_abs_sum_kernel(g_ptr, partial_ptr, batch, n, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     col_mask = cols < n
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for b_start in range(0, batch, BLOCK_B):
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for b_start in range(part * BLOCK_B, batch, parts * BLOCK_B):
         rows = (b_start + tl.arange(0, BLOCK_B)).to(tl.int64)  # (BLOCK_B,)
         tile = tl.load(
             g_ptr + rows[:, None] * n + cols[None, :], mask=(rows < batch)[:, None] & col_mask[None, :], other=0.0
         )  # (BLOCK_B, BLOCK_N)
-        acc += tl.sum(tl.abs(tile.to(tl.float32)), axis=0)
-    tl.store(scores_ptr + cols, acc, mask=col_mask)
+        acc += tl.abs(tile.to(tl.float32))
+    tl.store(partial_ptr + part * n + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
 def column_scores(g: Tensor, out: Tensor | None = None) -> Tensor:
@@ -47,9 +55,14 @@ def column_scores(g: Tensor, out: Tensor | None = None) -> Tensor:
     g = g.contiguous()
     batch, n = g.shape
     scores = launch.output_buffer(out, (n,), torch.float32, g.device, "scores")
-    block_n = min(128, triton.next_power_of_2(n))
+    block_n = min(64, triton.next_power_of_2(max(n, 1)))
+    block_b = min(32, triton.next_power_of_2(max(batch, 1)))
+    col_blocks = triton.cdiv(n, block_n)
+    sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.device.type == "cuda" else _DEFAULT_SMS
+    parts = max(1, min(triton.cdiv(batch, 4 * block_b), triton.cdiv(2 * sms, col_blocks)))
+    if n == 0:
+        return scores
+    partial = torch.empty(parts, n, dtype=torch.float32, device=g.device)
     with launch.on_device(g):
-        _column_abs_sum_kernel[(triton.cdiv(n, block_n),)](
-            g, scores, batch, n, BLOCK_B=min(32, triton.next_power_of_2(max(batch, 1))), BLOCK_N=block_n
-        )
-    return scores
+        _column_abs_sum_kernel[(col_blocks, parts)](g, partial, batch, n, BLOCK_B=block_b, BLOCK_N=block_n)
+    return torch.sum(partial, dim=0, out=scores)

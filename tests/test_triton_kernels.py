@@ -44,56 +44,58 @@ def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.full(shape, fill, dtype=dtype, device=DEVICE)
 
 
-# (rows, cols, k, block_n): block_n forces the streamed path with chunks smaller than the row
+# (rows, cols, k, block_n, chunk): block_n forces the streamed path with chunks smaller than the row,
+# chunk the two-stage path (per-chunk top-k, then the top-k of the candidates) with chunks of that width
 SELECT_SHAPES = [
-    (1, 1, 1, None),
-    (1, 37, 5, None),
-    (5, 37, 1, None),
-    (5, 37, 7, None),
-    (5, 37, 37, None),
-    (16, 128, 20, None),
-    (4, 100, 33, 32),
-    (3, 37, 7, 8),
-    (3, 37, 37, 8),
+    (1, 1, 1, None, None),
+    (1, 37, 5, None, None),
+    (5, 37, 1, None, None),
+    (5, 37, 7, None, None),
+    (5, 37, 37, None, None),
+    (16, 128, 20, None, None),
+    (2, 4999, 37, None, None),
+    (4, 100, 33, 32, None),
+    (3, 37, 7, 8, None),
+    (3, 37, 37, 8, None),
+    (5, 37, 7, None, 8),  # chunks narrower than k: padded candidates
+    (5, 37, 1, None, 16),
+    (3, 37, 37, None, 16),  # k = n: every candidate kept
+    (4, 100, 9, 16, 32),  # two stages, the second streamed
+    (2, 4999, 5, None, 1024),
 ]
 
 
+def test_plan_reads_wide_rows_once() -> None:
+    """Rows wider than the resident limit take two stages unless k is too large for them to pay."""
+    assert topk.plan(topk.MAX_RESIDENT, 32) == topk.Plan(False, topk.MAX_RESIDENT, topk.MAX_RESIDENT, True)
+    assert topk.plan(topk.MAX_RESIDENT + 1, 32) == topk.Plan(True, topk.MAX_RESIDENT, 64, True)
+    wide = topk.plan(20 * topk.MAX_RESIDENT, 32)
+    assert wide.two_stage and wide.chunk == topk.MAX_RESIDENT and wide.resident and wide.block == 1024
+    assert topk.plan(200 * topk.MAX_RESIDENT, 32) == topk.Plan(True, topk.MAX_RESIDENT, topk.STREAM_BLOCK, False)
+    streamed = topk.plan(5 * topk.MAX_RESIDENT, 2 * topk.MAX_RESIDENT)
+    assert not streamed.two_stage and not streamed.resident
+    # the fused dx only where the gather kernel would launch the same B programs: one input tile
+    assert topk.fuse_wins(topk.MAX_RESIDENT, 32, topk.FUSE_MAX_IN)
+    assert not topk.fuse_wins(topk.MAX_RESIDENT, 32, topk.FUSE_MAX_IN + 1)
+    assert not topk.fuse_wins(2 * topk.MAX_RESIDENT, 32, 64)  # two stages: no fusion
+
+
 @pytest.mark.parametrize("kind", ["random", "ties", "sparse", "tiny"])
-@pytest.mark.parametrize(("rows", "cols", "k", "block_n"), SELECT_SHAPES)
-def test_topk_select_matches_reference(seed: int, rows: int, cols: int, k: int, block_n: int | None, kind: str) -> None:
+@pytest.mark.parametrize(("rows", "cols", "k", "block_n", "chunk"), SELECT_SHAPES)
+def test_topk_select_matches_reference(
+    seed: int, rows: int, cols: int, k: int, block_n: int | None, chunk: int | None, kind: str
+) -> None:
     g = gradient(rows, cols, kind, device=DEVICE)
     hits0 = torch.randint(0, 5, (cols,), device=DEVICE)
     hits = hits0.clone()
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     out = (poisoned((rows, k), g.dtype), poisoned((rows, k), torch.int64))
-    vals, idx = topk_select(g, k, hits=hits, block_n=block_n, out=out)
+    vals, idx = topk_select(g, k, hits=hits, flag=flag, block_n=block_n, chunk=chunk, out=out)
     expected = REF.topk_indices(g.cpu(), k)
     assert torch.equal(idx.cpu(), expected)
     assert torch.equal(vals.cpu(), g.cpu().gather(1, expected))
     assert torch.equal(hits.cpu(), hits0.cpu() + torch.bincount(expected.reshape(-1), minlength=cols))
-
-
-def magnitude_bits(g: Tensor) -> Tensor:
-    """``|g|`` as float32 bit patterns (``[B, n]`` int64): how the kernels rank, NaN and inf included."""
-    return (g.float().view(torch.int32) & 0x7FFFFFFF).long()
-
-
-@pytest.mark.parametrize("block_n", [None, 16])
-@pytest.mark.parametrize("payload", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000])
-def test_topk_select_non_finite_rows_write_every_slot(seed: int, payload: int, block_n: int | None) -> None:
-    """Rows with at least ``k`` NaNs or infs (0x7FFFFFFF is what 0/0 gives on CUDA) still get ``k`` valid
-    indices, ranked by their magnitude bits: the threshold ``0x7FFFFFFF`` must not wrap in int32."""
-    rows, cols, k = 4, 37, 5
-    g = gradient(rows, cols, "random")
-    special = torch.tensor(payload - (1 << 32) if payload >= 1 << 31 else payload, dtype=torch.int32).view(F32)
-    g[0, 3:3 + k] = special  # exactly k
-    g[1, ::2] = special  # more than k
-    g[2, 7] = special  # fewer than k
-    g = g.to(DEVICE)
-    out = (poisoned((rows, k), g.dtype), poisoned((rows, k), torch.int64))
-    vals, idx = topk_select(g, k, block_n=block_n, out=out)
-    expected = REF.topk_indices(magnitude_bits(g.cpu()).double(), k)  # bits below 2^31: exact in float64
-    assert torch.equal(idx.cpu(), expected)
-    assert torch.equal(vals.cpu().view(torch.int32), g.cpu().gather(1, expected).view(torch.int32))
+    assert int(flag) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -142,25 +144,37 @@ def test_meprop_dx_given_indices(seed: int, rows: int, cols: int, n_in: int, k: 
     assert_close_to_reference(dx, expected, F32)
 
 
-@pytest.mark.parametrize(("rows", "cols", "n_in", "k"), [(5, 37, 20, 7), (1, 9, 3, 9), (16, 40, 130, 5)])
-def test_meprop_dw_accumulates_deterministically(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
+@pytest.mark.parametrize(
+    ("rows", "cols", "n_in", "k"), [(5, 37, 20, 7), (1, 9, 3, 9), (16, 40, 130, 5), (3, 11, 600, 2), (8, 5, 7, 5)]
+)
+def test_meprop_dw_writes_or_accumulates_deterministically(seed: int, rows: int, cols: int, n_in: int, k: int) -> None:
+    """Write-only (into a poisoned buffer: untouched rows must be written as zeros) and accumulate modes;
+    n_in = 600 spans several column tiles per program, (8, 5, 7, 5) makes every column hot."""
     g = gradient(rows, cols, "random", device=DEVICE)
     x = torch.randn(rows, n_in, device=DEVICE)
     idx = random_indices(rows, cols, k, DEVICE)
     vals = g.gather(1, idx)
+    _, expected = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), torch.zeros(cols, n_in))
+    written = meprop_dw(vals, idx, x, cols, out=poisoned((cols, n_in), x.dtype))
+    assert_close_to_reference(written, expected, F32)
+    untouched = torch.ones(cols, dtype=torch.bool).index_fill_(0, idx.cpu().reshape(-1), False)
+    assert torch.equal(written.cpu()[untouched], torch.zeros(int(untouched.sum()), n_in))
     start = torch.randn(cols, n_in, device=DEVICE)
     dw = meprop_dw(vals, idx, x, cols, dw=start.clone())
-    _, expected = REF.sparse_backward(g.cpu(), idx.cpu(), x.cpu(), torch.zeros(cols, n_in))
     assert_close_to_reference(dw, start.cpu().double() + expected.double(), F32)
+    assert torch.equal(dw.cpu()[untouched], start.cpu()[untouched])
     fresh = meprop_dw(vals, idx, x, cols)
-    assert_close_to_reference(fresh, expected, F32)
+    assert torch.equal(fresh, written)
     assert torch.equal(meprop_dw(vals, idx, x, cols), fresh), "dW is not bitwise reproducible"
 
 
-def test_column_scores_random(seed: int) -> None:
-    g = gradient(13, 70, "random", device=DEVICE)
-    scores = column_scores(g, out=poisoned((70,), torch.float32))
-    assert_close_to_reference(scores, g.cpu().double().abs().sum(dim=0), F32)
+@pytest.mark.parametrize(("rows", "cols"), [(13, 70), (1, 1), (300, 9), (257, 130)])
+def test_column_scores_match_reference(seed: int, rows: int, cols: int) -> None:
+    """One program or several row partitions per column block (300 and 257 rows), odd widths."""
+    g = gradient(rows, cols, "random", device=DEVICE)
+    scores = column_scores(g, out=poisoned((cols,), torch.float32))
+    assert_close_to_reference(scores, g.cpu().double().abs().sum(dim=0), F32, terms=rows)
+    assert torch.equal(column_scores(g), scores), "column scores are not bitwise reproducible"
 
 
 class _GuardWatch:
@@ -345,11 +359,58 @@ def test_backend_unified_matches_reference(seed: int, triton_backend, rows: int,
     assert_close_to_reference(dw, edw, F32)
 
 
-def test_backend_rejects_non_finite(triton_backend) -> None:
+@pytest.mark.parametrize("payload", [float("nan"), float("inf"), -float("inf")])
+def test_backend_rejects_non_finite(triton_backend, payload: float) -> None:
+    """On CPU tensors the flag's copy arrives at once: the call that ranked the NaN raises, and the
+    flag is cleared, so the next call with a finite gradient runs."""
     g = gradient(2, 8, "random", device=DEVICE)
-    g[1, 3] = float("nan")
-    with pytest.raises(InvalidGradientError):
+    g[1, 3] = payload
+    with pytest.raises(InvalidGradientError, match="non-finite"):
         triton_backend.topk_indices(g, 3)
+    x, weight = torch.randn(2, 5, device=DEVICE), torch.randn(8, 5, device=DEVICE)
+    with pytest.raises(InvalidGradientError, match="non-finite"):
+        triton_backend.topk_backward(g, x, weight, 3, need_dx=False)
+    with pytest.raises(InvalidGradientError, match="non-finite"):
+        triton_backend.unified_backward(g, x, weight, 3)
+    g[1, 3] = 0.0
+    assert torch.equal(triton_backend.topk_indices(g, 3).cpu(), REF.topk_indices(g.cpu(), 3))
+
+
+class _InFlight:
+    """A CUDA event stand-in whose copy has not arrived until ``arrive``: the asynchronous case on CPU."""
+
+    def __init__(self) -> None:
+        self.arrived = False
+
+    def record(self, stream: object = None) -> None:
+        self.arrived = False
+
+    def query(self) -> bool:
+        return self.arrived
+
+    def synchronize(self) -> None:
+        self.arrived = True
+
+
+def test_backend_reports_non_finite_without_waiting(triton_backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the flag's copy still in flight no call waits for it; a later call raises once it arrived,
+    and ``raise_if_non_finite`` waits for it."""
+    flag = triton_backend.non_finite_flag(DEVICE)
+    event = _InFlight()
+    monkeypatch.setattr(flag, "event", event)
+    bad = gradient(3, 10, "random", device=DEVICE)
+    bad[0, 0] = float("nan")
+    good = gradient(3, 10, "random", device=DEVICE)
+    triton_backend.topk_indices(bad, 2)  # in flight: no error yet, and no wait
+    triton_backend.topk_indices(good, 2)
+    event.arrived = True
+    with pytest.raises(InvalidGradientError, match="non-finite"):
+        triton_backend.topk_indices(good, 2)  # the earlier NaN, reported by the next call
+    triton_backend.topk_indices(good, 2)  # cleared
+    triton_backend.topk_indices(bad, 2)
+    with pytest.raises(InvalidGradientError, match="non-finite"):
+        triton_backend.raise_if_non_finite()
+    triton_backend.raise_if_non_finite()  # nothing left
 
 
 def test_backend_unavailable_without_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
