@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -63,10 +64,10 @@ def run_and_save(config: MnistConfig, comm: str, resume: bool = False) -> None:
     torch.save({"results": results, "states": keep.states}, Path(config.out) / f"rank{rank}.pt")
 
 
-def run_all(runs: list[tuple[MnistConfig, str]]) -> None:
-    """Several runs one after another in the same processes (one start-up for all of them)."""
-    for config, comm in runs:
-        run_and_save(config, comm)
+def run_all(runs: list[tuple[MnistConfig, str, bool]]) -> None:
+    """Several runs (config, comm, resume) one after another in the same processes (one start-up for all)."""
+    for config, comm, resume in runs:
+        run_and_save(config, comm, resume)
 
 
 #: (method, comm) of every two-process run the tests compare
@@ -80,7 +81,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("distributed")
     for method in dict(CASES):
         run_and_save(tiny_config(root / f"one-{method.value}", method), "dense")
-    launch(2, run_all, [(tiny_config(root / f"two-{m.value}-{c}", m), c) for m, c in CASES], threads=1)
+    runs = [(tiny_config(root / f"two-{m.value}-{c}", m), c, False) for m, c in CASES]
+    stopped = root / "two-mesimp-resumed"  # stopped after its first epoch, then resumed
+    runs += [(tiny_config(stopped, Method.MESIMP, epochs=1), "rows", False),
+             (tiny_config(stopped, Method.MESIMP), "rows", True)]
+    launch(2, run_all, runs, threads=1)
     return root
 
 
@@ -137,3 +142,55 @@ def test_row_hook_gives_the_dense_all_reduce_model(runs: Path, method: Method) -
         for name in s2:
             assert torch.equal(s2[name], s3[name]), name
     assert [r["sizes"] for r in dense["results"]["history"]] == [r["sizes"] for r in rows["results"]["history"]]
+
+
+def test_resumed_run_continues_exactly(runs: Path) -> None:
+    whole, resumed = saved(runs / "two-mesimp-rows"), saved(runs / "two-mesimp-resumed")
+    assert len(resumed["states"]) == 2  # the second epoch's pieces
+    for rank in (0, 1):
+        for s1, s2 in zip(saved(runs / "two-mesimp-rows", rank)["states"][2:],
+                          saved(runs / "two-mesimp-resumed", rank)["states"]):
+            for name in s1:
+                assert torch.equal(s1[name], s2[name]), name
+    assert untimed(resumed["results"]["history"]) == untimed(whole["results"]["history"])
+
+
+def test_resume_needs_the_same_number_of_processes(runs: Path) -> None:
+    config = tiny_config(runs / "two-mesimp-resumed", Method.MESIMP, epochs=3)
+    with pytest.raises(ValueError, match="written by a run of 2 process.*--nproc 2"):
+        train_mnist(config, resume=True, data=tiny_data())
+
+
+class FailAt:
+    """Makes process ``rank`` raise (or hang) after its first piece."""
+
+    def __init__(self, rank: int, hang: bool) -> None:
+        self.rank, self.hang = rank, hang
+
+    def on_chunk_end(self, trainer, epoch: int, chunk: int) -> dict:
+        if trainer.dist.procs.rank == self.rank:
+            if self.hang:
+                time.sleep(600)
+            raise ValueError("injected failure")
+        return {}
+
+
+def fail_run(config: MnistConfig, rank: int, hang: bool) -> None:
+    configure(DistributedOptions(timeout_s=5))
+    train_mnist(config, data=tiny_data(), hooks=(FailAt(rank, hang),))
+
+
+def test_a_failing_process_stops_the_others(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="process 1 of 2 failed: ValueError: injected failure; the other processes "
+                                         "were stopped"):
+        launch(2, fail_run, tiny_config(tmp_path, Method.MEPROP), 1, False, threads=1)
+    assert time.monotonic() - start < 120  # no hang (generous: process start-up on a busy machine)
+
+
+def test_a_silent_process_makes_the_others_stop_after_the_timeout(tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"process 0 of 2 failed: PeerFailure: process 0 of 2: another process of "
+                                         r"the run stopped or did not answer within 5 s"):
+        launch(2, fail_run, tiny_config(tmp_path, Method.MEPROP), 1, True, threads=1)
+    assert time.monotonic() - start < 120

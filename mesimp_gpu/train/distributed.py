@@ -157,7 +157,11 @@ def peer_failures(procs: Processes, timeout_s: float) -> Iterator[None]:
     """Turn a collective's failure (a peer gone or silent) into a one-line :class:`PeerFailure`."""
     try:
         yield
-    except dist.DistError as exc:
+    except RuntimeError as exc:
+        # gloo reports a peer that went away as a plain RuntimeError naming its source file; NCCL and timeouts
+        # raise DistError
+        if not isinstance(exc, dist.DistError) and "gloo" not in str(exc):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerFailure(f"process {procs.rank} of {procs.world}: another process of the run stopped or did not "
                           f"answer within {timeout_s:g} s ({first[:200]}); this process stops too") from None
@@ -471,9 +475,11 @@ def launch(nproc: int, fn: Callable[..., None], *args: Any, threads: int | None 
             mp.start_processes(_worker, args=(nproc, free_port(), errors, threads, fn, args), nprocs=nproc,
                                join=True, start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
-            rank = exc.error_index
-            note = Path(errors, f"rank{rank}.txt")
-            reason = note.read_text() if note.is_file() else f"exit code {getattr(exc, 'exit_code', '?')}"
+            # name the process that failed first: the others' errors only say that a peer went away
+            notes = {int(p.stem[4:]): p.read_text() for p in Path(errors).glob("rank*.txt")}
+            causes = [r for r, text in sorted(notes.items()) if not text.startswith(PeerFailure.__name__)]
+            rank = causes[0] if causes else exc.error_index
+            reason = notes.get(rank, f"exit code {getattr(exc, 'exit_code', '?')}")
             raise ValueError(f"process {rank} of {nproc} failed: {reason}; the other processes were stopped") from None
 
 
