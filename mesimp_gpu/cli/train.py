@@ -118,10 +118,10 @@ def train_mnist_command(
     nproc: int = nproc_option(),
     comm: Comm = comm_option(),
     dist_timeout: float = dist_timeout_option(),
+    overwrite: bool = overwrite_option(),
     progress: bool = progress_option(_DEFAULT.progress),
 ) -> None:
     """Train the 784-H-...-H-10 MNIST MLP; prints a summary table (accuracy, kept neurons, parameters, time).
-    overwrite: bool = overwrite_option(),
 
     Default: meSimp (k 160, prune 0.1, two hidden layers of 500), 2 epochs in 1-epoch cycles; minutes on 2 CPU cores.
     Epoch 1 prunes after each of its 8 chunks, epoch 2 trains the fixed sizes.
@@ -130,11 +130,11 @@ def train_mnist_command(
     from mesimp_gpu.train.mnist import summary_table, train_mnist
 
     with user_errors():
+        out = prepare_run_folder(out, "mnist", resume, overwrite)
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, lr=lr, final_lr=final_lr, clip=clip or None, lazy=lazy,
             grad_sum=grad_sum,
-        out = prepare_run_folder(out, "mnist", resume, overwrite)
             chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, hits=hits, order=order,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
@@ -159,11 +159,11 @@ def _pos_default(name: str) -> Any:
 
 @train_app.command("pos")
 def train_pos_command(
+    ctx: typer.Context,
     method: Method = typer.Option(_pos_default("method"), help="dense: full back propagation; meprop: per-example "
                                   "top-k of the LSTM gate gradient (the paper); unified: one top-k set per step and "
                                   "minibatch; random: k random entries; mesimp: meprop plus pruning of rarely "
                                   "selected units."),
-    ctx: typer.Context,
     k: int = typer.Option(_pos_default("k"), help="Gate-gradient entries kept per example and step "
                           "(per gate with --selection per-gate)."),
     selection: GateSelection = typer.Option(_pos_default("selection"), help="Top-k over all 4H gate entries, or k "
@@ -204,21 +204,21 @@ def train_pos_command(
     nproc: int = nproc_option(),
     comm: Comm = comm_option(),
     dist_timeout: float = dist_timeout_option(),
+    overwrite: bool = overwrite_option(),
     progress: bool = progress_option(_pos_default("progress")),
 ) -> None:
     """Train the POS tagger (meProp LSTM) on a CoNLL-U treebank; prints the test accuracy at the best dev score."""
     from mesimp_gpu.train.pos import train_pos
-    overwrite: bool = overwrite_option(),
 
     def text(path: Path | None) -> str | None:
         return None if path is None else str(path)
 
     with user_errors():
+        out = prepare_run_folder(out, "pos", resume, overwrite)
         config = PosConfig(
             method=method, k=k, selection=selection, counting=counting, hidden=hidden, bidirectional=bidirectional,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
             word_dim=word_dim,
-        out = prepare_run_folder(out, "pos", resume, overwrite)
             feature_dim=feature_dim, word_dropout=word_dropout, tagset=tagset, chunks=chunks, prune=prune,
             cycle=cycle, reset_moments=reset_moments, nonzero_hits=nonzero_hits, seed=seed, device=device,
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
@@ -294,11 +294,11 @@ def train_parse_command(
     nproc: int = nproc_option(),
     comm: Comm = comm_option(),
     dist_timeout: float = dist_timeout_option(),
+    overwrite: bool = overwrite_option(),
     progress: bool = progress_option(_parse_default("progress")),
 ) -> None:
     """Train the transition parser (an MLP over 48 features, meProp/meSimp on its hidden layer) on a CoNLL-U
     treebank; prints test UAS/LAS at the best dev score.
-    overwrite: bool = overwrite_option(),
 
     Default: meSimp with 500 cube units, k 20, Adam, 2 epochs (minutes on 2 CPU cores on UD English EWT).
     """
@@ -308,11 +308,11 @@ def train_parse_command(
         return None if path is None else str(path)
 
     with user_errors():
+        out = prepare_run_folder(out, "parse", resume, overwrite)
         settings = dict(
             method=method, k=k, hidden=hidden, dim=dim, activation=activation, dropout=dropout, l2=l2,
             input_dropout=input_dropout, word_dropout=word_dropout,
             epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, clip=clip or None, lazy=lazy,
-        out = prepare_run_folder(out, "parse", resume, overwrite)
             tagset=tagset, tagger=text(tagger), chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments,
             nonzero_hits=nonzero_hits, compare_same_size=compare_same_size, seed=seed, device=device,
             backend=backend, threads=threads, data_dir=text(data_dir), train_file=text(train_file),
