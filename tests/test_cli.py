@@ -62,9 +62,13 @@ def test_missing_data_is_a_clear_error(tmp_path: Path) -> None:
     assert "MNIST not found" in result.output and "Traceback" not in result.output
 
 
-def test_a_diverging_loss_stops_the_run_with_a_clear_error(tmp_path: Path, mnist_dir: Path) -> None:
-    result = runner.invoke(app, ["train", "mnist", "--method", "dense", "--optimizer", "sgd", "--lr", "1e12",
-                                 "--clip", "0", "--limit", "300", "--epochs", "1", "--no-progress",
-                                 "--data-dir", str(mnist_dir), "--out", str(tmp_path)])
+@pytest.mark.parametrize("method", ["dense", "meprop", "unified", "mesimp"])
+def test_a_diverging_run_stops_with_the_same_clear_error_for_every_method(tmp_path: Path, mnist_dir: Path,
+                                                                          method: str) -> None:
+    result = runner.invoke(app, ["train", "mnist", "--method", method, "--k", "5", "--hidden", "16", "--optimizer",
+                                 "sgd", "--lr", "1e12", "--clip", "0", "--limit", "300", "--epochs", "1",
+                                 "--no-progress", "--backend", "torch", "--data-dir", str(mnist_dir),
+                                 "--out", str(tmp_path)])
     assert result.exit_code == 2, result.output
-    assert "training loss became nan" in result.output and "--lr" in result.output
+    assert "training diverged at update step" in result.output and "--lr" in result.output
+    assert "Traceback" not in result.output

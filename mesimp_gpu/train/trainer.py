@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import torch
 from tqdm import tqdm
 
-from mesimp_gpu.backends import get_backend
+from mesimp_gpu.backends import InvalidGradientError, get_backend
 from mesimp_gpu.io import write_json
 from mesimp_gpu.machine import describe
 from mesimp_gpu.mesimp import PruneOrder
@@ -21,6 +21,11 @@ from mesimp_gpu.train.checkpoints import load_checkpoint, rng_state, save_checkp
 from mesimp_gpu.train.distributed import DataParallel
 from mesimp_gpu.train.records import PHASES, BestTracker, PhaseTimer, jsonable
 from mesimp_gpu.train.settings import Method, mesimp_schedule, resolve_device, seed_everything
+
+
+def diverged(step: int, what: str) -> str:
+    """The one message for a run whose numbers stopped being finite, whichever method noticed it."""
+    return f"training diverged at update step {step}: the {what} is not finite; lower --lr or set --clip"
 
 
 def chunk_bounds(n: int, chunks: int) -> list[tuple[int, int]]:
@@ -112,7 +117,11 @@ class Trainer:
             loss = compute_loss()
         with self.timer.phase("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            self.dist.backward(loss)
+            try:
+                self.dist.backward(loss)
+            except InvalidGradientError:  # meProp met it first: the same message as for the loss
+                raise ValueError(diverged(self.step + 1, f"training loss ({float(loss.detach())}) or its "
+                                          "gradient")) from None
         with self.timer.phase("update"):
             if not self.config.lazy:  # a lazy optimizer clips the rows it updates itself
                 clip_elementwise(self.model.parameters(), self.config.clip)
@@ -120,7 +129,7 @@ class Trainer:
         self.step += 1
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise ValueError(f"the training loss became {value} at update step {self.step}; lower --lr or set --clip")
+            raise ValueError(diverged(self.step, f"training loss ({value})"))
         return value
 
     def step_postfix(self, bar: tqdm | None, loss: float) -> None:
