@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from matplotlib.ticker import NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import offset_copy
 
 from mesimp_gpu.bench.config import Pass, Provider, Suite
@@ -289,6 +289,10 @@ def plot_layer(rows: Sequence[Row], mode: Pass, path: Path, title: str) -> None:
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set(xscale="log", yscale="log", xlabel="k / n")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+            fractions = [r["k_fraction"] for r in timed if r["batch"] == batch and r["width"] == width]
+            if fractions and max(fractions) < 10 * min(fractions):  # no power of ten inside: label 1, 2, 5 x 10^i
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
             if j == 0:
                 ax.set_ylabel("speedup over dense")
             ax.grid(alpha=0.3, which="both")
