@@ -209,8 +209,8 @@ def _cases() -> list[Case]:
              {"HAS_ROWS": False, "MOMENTUM": False, "CLIP": False, "BLOCK": block}, 4),
         Case("adam_rows_clip", "row_updates", "_adam_rows_kernel", _ROW_UPDATE_SIGS["_adam_rows_kernel"],
              {"HAS_ROWS": True, "CLIP": True, "BLOCK": block}, 4),
-        Case("adam_rows_bf16", "row_updates", "_adam_rows_kernel", _floats(_ROW_UPDATE_SIGS["_adam_rows_kernel"], "*bf16"),
-             {"HAS_ROWS": True, "CLIP": False, "BLOCK": block}, 4),
+        Case("adam_rows_bf16", "row_updates", "_adam_rows_kernel",
+             _floats(_ROW_UPDATE_SIGS["_adam_rows_kernel"], "*bf16"), {"HAS_ROWS": True, "CLIP": False, "BLOCK": block}, 4),
         Case("adagrad_rows_clip", "row_updates", "_adagrad_rows_kernel", _ROW_UPDATE_SIGS["_adagrad_rows_kernel"],
              {"HAS_ROWS": True, "CLIP": True, "BLOCK": block}, 4),
     ]

@@ -89,13 +89,15 @@ def select(g: Tensor, k: int) -> Tensor:
 
 
 def meprop_dx(vals: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
-    """``dx = G_k @ weight`` (``[B, in]``, float32 or float64) from ``vals``/``idx`` ``[B, k]`` and ``weight`` ``[out, in]``."""
+    """``dx = G_k @ weight`` (``[B, in]``, float32 or float64) from ``vals``/``idx`` ``[B, k]`` and ``weight``
+    ``[out, in]``."""
     with _on(weight):
         return torch.from_dlpack(logic.sparse_dx(cupy, _cp(vals), _cp(idx), _cp(weight.contiguous())))
 
 
 def meprop_dw(vals: Tensor, idx: Tensor, x: Tensor, out_features: int) -> Tensor:
-    """``dW = G_k^T x`` (``[out, in]``, float32 or float64) from ``vals``/``idx`` ``[B, k]``, non-zero on touched rows."""
+    """``dW = G_k^T x`` (``[out, in]``, float32 or float64) from ``vals``/``idx`` ``[B, k]``, non-zero on
+    touched rows."""
     dw = torch.zeros(out_features, x.shape[1], dtype=_wide(vals.dtype), device=x.device)
     with _on(x):
         logic.accumulate_dw(cupy, _cp(vals), _cp(idx), _cp(x.contiguous()), _cp(dw))
