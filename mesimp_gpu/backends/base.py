@@ -167,8 +167,10 @@ class Backend(ABC):
         return dx, dw, cols
 
     def column_scores(self, g: Tensor) -> Tensor:
-        """Unified meProp's column scores ``s_j = sum_b |g[b, j]|``: ``[out]`` from ``g`` ``[B, out]``."""
-        return g.abs().sum(dim=0)
+        """Unified meProp's column scores ``s_j = sum_b |g[b, j]|``: ``[out]`` from ``g`` ``[B, out]``, in float32
+        for a half-precision ``g``, as the kernels accumulate them (sums rounded to 8 or 11 bits would tie
+        columns that the other backends rank apart)."""
+        return g.abs().sum(dim=0, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype)
 
     def scatter_rows(self, src: Tensor, rows: Tensor, n_rows: int) -> Tensor:
         """A new ``[n_rows, in]`` tensor with ``out[rows[t]] = src[t]`` (``src`` ``[r, in]``, ``rows`` ``[r]``
