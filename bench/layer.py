@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mesimp_gpu.backends import Backend
 from mesimp_gpu.backends.reference import ReferenceBackend
+from mesimp_gpu.bench import traffic
 from mesimp_gpu.bench.common import TOLERANCE, check_fields, relative_error, row, timed_fields
 from mesimp_gpu.bench.config import BenchConfig, Pass, Provider, Suite
 from mesimp_gpu.bench.prior_art import PriorScatterFunction, PriorSparseFunction
@@ -125,6 +126,15 @@ def check(candidate: Candidate, oracle: Oracle, x: Tensor, g: Tensor, params: tu
     return max(relative_error(dx, expected[0]), relative_error(dw, expected[1]))
 
 
+def model_fields(candidate: Candidate, mode: Pass, batch: int, width: int) -> dict[str, float]:
+    """The traffic model's totals (:mod:`mesimp_gpu.bench.traffic`) for the Triton per-example backward; none
+    for other rows."""
+    if candidate.backend != "triton" or candidate.provider is not Provider.TOPK or mode is not Pass.BACKWARD:
+        return {}
+    assert candidate.k is not None
+    return traffic.topk_backward(batch, width, candidate.k, width, DTYPE.itemsize).fields()
+
+
 def timed_call(candidate: Candidate, mode: Pass, x: Tensor, g: Tensor, params: tuple[Tensor, ...]) -> Callable[[], Any]:
     """The callable to time: backward from a retained graph, or a fresh forward and its backward."""
     if mode is Pass.BACKWARD:
@@ -169,7 +179,8 @@ def run_shape(config: BenchConfig, device: torch.device, backends: dict[str, Bac
         dense = stats[0]  # candidates() puts dense first
         for c, s, ok in zip(runnable, stats, checks):
             rows.append(row(Suite.LAYER, c.provider, c.backend, **shape, k=c.k,
-                            k_fraction=c.k / width if c.k else None, **{"pass": mode.value}, **timed_fields(s, dense), **ok))
+                            k_fraction=c.k / width if c.k else None, **{"pass": mode.value}, **timed_fields(s, dense),
+                            **ok, **model_fields(c, mode, batch, width)))
     return rows
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mesimp_gpu.backends import Backend
 from mesimp_gpu.backends.reference import ReferenceBackend
+from mesimp_gpu.bench import traffic
 from mesimp_gpu.bench.common import check_fields, row, timed_fields
 from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
 from mesimp_gpu.bench.timing import Clock, measure
@@ -56,7 +57,9 @@ def run_topk_suite(config: BenchConfig, device: torch.device, backends: dict[str
             baseline = {k: s for (p, _, k, _), s in zip(entries, stats) if p is Provider.TORCH_TOPK}
             read_bytes = batch * width * DTYPE.itemsize
             for (provider, name, k, _), s, ok in zip(entries, stats, checks):
+                # the traffic model of the Triton selection (bench/traffic.py), for the report's model table
+                model = traffic.selection(batch, width, k, DTYPE.itemsize, False).fields() if name == "triton" else {}
                 rows.append(row(Suite.TOPK, provider, name, batch=batch, width=width, k=k, k_fraction=k / width,
                                 dtype=str(DTYPE).removeprefix("torch."), **timed_fields(s, baseline[k]),
-                                bandwidth_gbs=read_bytes / s.median / 1e9, **ok))
+                                bandwidth_gbs=read_bytes / s.median / 1e9, **ok, **model))
     return rows
