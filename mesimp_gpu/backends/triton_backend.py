@@ -108,6 +108,8 @@ class TritonBackend(Backend):
 
     def non_finite_flag(self, device: torch.device) -> NonFiniteFlag:
         """The flag of ``device`` (created on first use); raises first if an arrived copy shows it set."""
+        if device.type == "cuda" and device.index is None:  # the key tensors' devices have: cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
         flag = self._flags.get(device)
         if flag is None:
             flag = self._flags[device] = NonFiniteFlag(device)
@@ -119,7 +121,9 @@ class TritonBackend(Backend):
         for flag in self._flags.values():
             flag.raise_if_set(wait=True)
 
-    def _select(self, g: Tensor, k: int, weight: Tensor | None = None, hits: Tensor | None = None):
+    def _select(
+        self, g: Tensor, k: int, weight: Tensor | None = None, hits: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Selection (and ``dx`` with ``weight``) under the device's non-finite flag -> ``(vals, idx, dx or None)``."""
         flag = self.non_finite_flag(g.device)
         if weight is None:
