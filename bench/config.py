@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from mesimp_gpu.backends.cpu import ARCH_LEVELS
 from mesimp_gpu.optim import OptimizerName
 
 
@@ -70,6 +71,7 @@ class BenchConfig:
     batches: tuple[int, ...] = (10, 100, 1024)  # layer and topk suites: minibatch sizes
     widths: tuple[int, ...] = (500, 2048, 4096, 8192)  # layer and topk suites: layer width n (in = out = n)
     ks: tuple[int, ...] = (5, 20, 128, 160)  # kept entries per example; values >= n are left out
+    cpu_archs: tuple[str, ...] = ()  # cpu backend levels side by side (cpu@LEVEL); (): the MESIMP_CPU_ARCH one
     k_fraction: float = 1 / 16  # also k = round(n * k_fraction) per width; 0 disables
     cpu_max_gflop: float = 100.0  # on CPU, skip layer shapes whose dense forward+backward exceeds this
     memory_limit_gib: float = 4.0  # skip a provider whose temporaries would exceed this (e.g. W[idx] gathers)
@@ -108,6 +110,9 @@ class BenchConfig:
         if self.min_repeats < 1 or self.max_repeats < self.min_repeats:
             raise ValueError(f"need 1 <= --min-repeats <= --max-repeats, got {self.min_repeats}, {self.max_repeats}")
         if self.warmup < 0 or self.budget_s <= 0 or self.min_sample_s <= 0:
+        unknown_levels = [a for a in self.cpu_archs if a not in ARCH_LEVELS]
+        if unknown_levels:
+            raise ValueError(f"--cpu-arch {unknown_levels[0]!r} is not a level; choose from: {', '.join(ARCH_LEVELS)}")
             raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
         if (self.train_limit is not None and self.train_limit < 1) or self.train_epochs < 1 or self.train_k < 1 or self.mesimp_k < 1:
             raise ValueError("--train-limit, --train-epochs, --train-k and --mesimp-k must be at least 1")

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from mesimp_gpu.backends import Backend, BackendUnavailable, load_backend
+from mesimp_gpu.backends.cpu import CpuBackend
 from mesimp_gpu.bench.calibrate import add_hardware_fractions, calibrate
 from mesimp_gpu.bench.common import available_backends
 from mesimp_gpu.bench.config import BenchConfig, Suite, all_cores
@@ -62,6 +64,29 @@ def modified_files() -> list[str] | None:
 
 
 def notes_for(config: BenchConfig, device: torch.device, treebank: Treebank | str | None = None) -> list[str]:
+def with_cpu_levels(backends: dict[str, Backend], skipped: dict[str, str],
+                    levels: tuple[str, ...]) -> tuple[dict[str, Backend], dict[str, str]]:
+    """``backends`` with the cpu backend replaced by one per instruction-set level (``cpu@<level>``, in the
+    given order, right where ``cpu`` was); a level that cannot build or run here is skipped with the reason."""
+    out: dict[str, Backend] = {}
+    for name, backend in backends.items():
+        if name != "cpu":
+            out[name] = backend
+            continue
+        for level in levels:
+            try:
+                out[f"cpu@{level}"] = load_backend(f"cpu@{level}")
+            except BackendUnavailable as exc:
+                skipped = {**skipped, f"cpu@{level}": str(exc)}
+    return out, skipped
+
+
+def cpu_levels(backends: dict[str, Backend]) -> dict[str, dict[str, str]]:
+    """Per cpu backend of the run: the level it was built for and what its build vectorises with."""
+    return {name: {"arch": backend.arch, "simd": backend.ops.simd_info()}
+            for name, backend in backends.items() if isinstance(backend, CpuBackend)}
+
+
     """What a reader must know to read the numbers right (``treebank``: the parse suite's, or why there is none)."""
     notes = []
     if Suite.LAYER in config.suites or Suite.TOPK in config.suites:
@@ -113,6 +138,8 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
     with torch_threads(config.thread_count):
         backends, skipped = available_backends(device)
         for name, reason in skipped.items():
+        if config.cpu_archs and device.type == "cpu":
+            backends, skipped = with_cpu_levels(backends, skipped, config.cpu_archs)
             log(f"backend {name} skipped: {reason}")
         header: dict[str, Any] = {
             "created": created.isoformat(timespec="seconds"),
@@ -125,6 +152,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             "config": jsonable(config),
             "backends": list(backends),
             "skipped_backends": skipped,
+            "cpu_levels": cpu_levels(backends),
             "notes": notes_for(config, device, treebank),
         }
         doc: dict[str, Any] = {"header": header, "rows": [], "finished": False}

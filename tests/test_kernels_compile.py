@@ -13,7 +13,8 @@ bench's shapes (and the top-k variants at n = 4096 and 8192): no spills, and at 
 On CPU machines the test session runs with ``TRITON_INTERPRET=1``, which turns every ``@triton.jit``
 function (Triton's own ``tl.sum``/``tl.cumsum`` included) into an interpreter object when Triton is
 imported, so the compilation runs in a child process started without that variable: this file run
-as a script compiles every case and prints one JSON line.
+as a script compiles every case and prints one JSON line (``--out PATH`` also writes a results file
+with the cases and the commit).
 """
 
 from __future__ import annotations
@@ -312,4 +313,12 @@ def test_kernel_compiles_without_spills_at_two_blocks_per_sm(
 
 
 if __name__ == "__main__":
-    print(json.dumps(compile_all()))
+    results = compile_all()
+    if len(sys.argv) == 3 and sys.argv[1] == "--out":  # a results file for bench/results/
+        from mesimp_gpu.io import write_json
+
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        write_json(sys.argv[2], {"command": f"python tests/test_kernels_compile.py --out {sys.argv[2]}",
+                                 "triton": triton.__version__, "git_commit": sha, "min_blocks": MIN_BLOCKS,
+                                 "cases": {c.name: c._asdict() for c in _cases()}, "results": results})
+    print(json.dumps(results))
