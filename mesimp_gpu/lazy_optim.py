@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from mesimp_gpu import touched_rows
-from mesimp_gpu.backends import BACKEND_NAMES, Backend, BackendCache
+from mesimp_gpu.backends import BACKEND_NAMES, Backend, BackendCache, is_backend_name
 
 
 class LazyOptimizer(torch.optim.Optimizer):
@@ -55,7 +55,7 @@ class LazyOptimizer(torch.optim.Optimizer):
             raise ValueError(f"clip_value must be positive, got {clip_value}")
         if defaults["lr"] <= 0:
             raise ValueError(f"learning rate must be positive, got {defaults['lr']}")
-        if backend not in BACKEND_NAMES:
+        if not is_backend_name(backend):
             raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKEND_NAMES)}")
         self.backend_name = backend
         self._backends = BackendCache()  # per device: the backend whose launchers update its parameters

@@ -334,3 +334,31 @@ def test_failed_build_falls_back_to_torch_with_the_compilers_message(tmp_path):
     assert "AUTO: torch" in run.stdout
     announced = [line for line in run.stderr.splitlines() if "building the cpu backend's kernels for native" in line]
     assert len(announced) == 1 and "minutes" in announced[0]
+
+
+def test_levels_are_backend_names_for_layers_and_the_bench(seed):
+    """``cpu@<level>`` is a registry name (layers resolve it by name), and the bench's ``--cpu-arch`` puts one
+    such backend per level where ``cpu`` was, skipping a level this CPU cannot run with the reason."""
+    from mesimp_gpu.backends import is_backend_name
+    from mesimp_gpu.bench.runner import cpu_levels, with_cpu_levels
+
+    assert is_backend_name("cpu@x86-64-v3") and not is_backend_name("torch@x86-64-v3") and not is_backend_name("cpu@")
+    level = LEVELS[-1]
+    layers = {}
+    for name in (f"cpu@{level}", "reference"):
+        torch.manual_seed(seed)
+        layers[name] = MePropLinear(23, 31, MePropConfig(MePropMode.TOPK, k=4, backend=name))
+    x = torch.randn(7, 23)
+    grads = []
+    for layer in layers.values():
+        (layer(x) ** 2).sum().backward()
+        grads.append(layer.weight.grad)
+    assert_close_to_reference(grads[0], grads[1], torch.float32, terms=7)
+    foreign = [name for name in ARCH_LEVELS if name not in runnable_levels()]
+    backends, skipped = with_cpu_levels({"torch": load_backend("torch"), "cpu": load_backend("cpu")}, {},
+                                        (*LEVELS, *foreign[:1]))
+    assert list(backends) == ["torch", *(f"cpu@{name}" for name in LEVELS)]
+    assert all(backends[f"cpu@{name}"].arch == name for name in LEVELS)
+    if foreign:
+        assert "cannot run here" in skipped[f"cpu@{foreign[0]}"]
+    assert set(cpu_levels(backends)) == {f"cpu@{name}" for name in LEVELS}

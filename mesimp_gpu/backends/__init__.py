@@ -39,6 +39,22 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 
 BACKEND_NAMES = ("auto", *REGISTRY)
 
+#: backends that take a build variant after ``@``: ``cpu@x86-64-v3`` is the cpu backend built for that
+#: instruction-set level (``cpu`` alone: the level of ``MESIMP_CPU_ARCH``), so that levels run side by side
+VARIANT_BACKENDS = ("cpu",)
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"cpu@x86-64-v3"`` -> ``("cpu", "x86-64-v3")``; a name without ``@`` has no variant (None)."""
+    base, at, variant = name.partition("@")
+    return base, (variant if at else None)
+
+
+def is_backend_name(name: str) -> bool:
+    """Whether ``name`` is ``auto``, a registered backend, or a variant of one that takes variants."""
+    base, variant = split_name(name)
+    return name in BACKEND_NAMES or (bool(variant) and base in VARIANT_BACKENDS)
+
 
 class BackendUnavailable(RuntimeError):
     """A backend exists but cannot run here (missing package, compiler or device)."""
@@ -53,11 +69,13 @@ _warned: set[str] = set()
 
 
 def _instantiate(name: str) -> Backend | BackendUnavailable:
-    """Import and construct backend ``name``; its :class:`BackendUnavailable` is returned, not raised."""
-    module_name, class_name = REGISTRY[name]
+    """Import and construct backend ``name`` (a variant is the constructor's argument); its
+    :class:`BackendUnavailable` is returned, not raised."""
+    base, variant = split_name(name)
+    module_name, class_name = REGISTRY[base]
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, class_name)()
+        return getattr(module, class_name)(*([] if variant is None else [variant]))
     except BackendUnavailable as exc:
         return exc
     except ImportError as exc:
@@ -68,7 +86,7 @@ def _instantiate(name: str) -> Backend | BackendUnavailable:
 
 def load_backend(name: str) -> Backend:
     """The backend registered as ``name`` (loaded once); raise :class:`BackendUnavailable` if it cannot load."""
-    if name not in REGISTRY:
+    if name == "auto" or not is_backend_name(name):
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKEND_NAMES)}")
     outcome = _loaded.get(name)
     if outcome is None:
@@ -140,5 +158,7 @@ __all__ = [
     "InvalidGradientError",
     "REGISTRY",
     "get_backend",
+    "is_backend_name",
     "load_backend",
+    "split_name",
 ]

@@ -48,7 +48,6 @@ portable code: the ``torch`` backend's, or the base class's row updates.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -223,7 +222,10 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def __init__(self, arch: str | None = None) -> None:
-        """Build or load the kernels for level ``arch`` (default: ``MESIMP_CPU_ARCH``, else ``native``)."""
+        """Build or load the kernels for level ``arch`` (default: ``MESIMP_CPU_ARCH``, else ``native``); with a
+        level given, the backend's registry name is ``cpu@<level>``."""
+        if arch is not None:
+            self.name = f"cpu@{arch}"
         self.arch = arch or arch_from_env()
         self.ops = load_kernels(self.arch)
         self.portable = TorchBackend()
@@ -345,12 +347,15 @@ class CpuBackend(Backend):
         self.ops.lazy_adagrad_(p, grad, state_sum, _kernel_rows(rows), lr, eps, clip or 0.0)
 
 
-@functools.cache
 def level_backend(arch: str) -> CpuBackend:
-    """The cpu backend built for level ``arch``, once per process and level. The registry's ``cpu`` is the
-    level of ``MESIMP_CPU_ARCH``; this one lets tests and the bench run several levels side by side (each
-    level is its own extension module, so they coexist in one process)."""
-    return CpuBackend(arch)
+    """The cpu backend built for level ``arch``: the registry's ``cpu@<arch>``, loaded once per process. The
+    registry's ``cpu`` is the level of ``MESIMP_CPU_ARCH``; these let tests and the bench run several levels
+    side by side (each level is its own extension module, so they coexist in one process)."""
+    from mesimp_gpu.backends import load_backend
+
+    backend = load_backend(f"cpu@{arch}")
+    assert isinstance(backend, CpuBackend)
+    return backend
 
 
 def _kernel_rows(rows: Tensor | None) -> Tensor | None:

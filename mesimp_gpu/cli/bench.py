@@ -20,6 +20,9 @@ def bench_command(
     suite: Optional[list[Suite]] = typer.Option(None, help="Suite to run (repeatable). Default: all."),
     quick: bool = typer.Option(False, help="The ~one-minute preset: small grid, few repeats, short training."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: all cores)."),
+    cpu_arch: Optional[list[str]] = typer.Option(None, help="Instruction-set level of the cpu backend (repeatable: "
+                                                 "levels side by side as cpu@LEVEL): native, x86-64-v3, x86-64-v4, "
+                                                 "armv8-a. Default: the MESIMP_CPU_ARCH level (native)."),
     batch: Optional[list[int]] = typer.Option(None, help=f"Batch size (repeatable). Default: {_BENCH.batches}."),
     width: Optional[list[int]] = typer.Option(None, help=f"Layer width n (repeatable). Default: {_BENCH.widths}."),
     k: Optional[list[int]] = typer.Option(None, help=f"Kept entries k (repeatable). Default: {_BENCH.ks}."),
@@ -55,6 +58,11 @@ def bench_command(
                                           "of UD English EWT the suite takes about 15-20 minutes on a 2-core CPU."),
     out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
     seed: Optional[int] = typer.Option(None, help=f"Seed of the inputs. Default: {_BENCH.seed}."),
+    dist_processes: Optional[list[int]] = typer.Option(None, help="Distributed suite: process count (repeatable; "
+                                                       f"time only up to the cores). Default: {_BENCH.dist_processes}."),
+    dist_steps: Optional[int] = typer.Option(None, help=f"Distributed suite: timed steps. Default: {_BENCH.dist_steps}."),
+    dist_batch: Optional[int] = typer.Option(None, help="Distributed suite: global minibatch. "
+                                             f"Default: {_BENCH.dist_batch}."),
     report: Optional[Path] = typer.Option(None, help="Redraw tables and plots of a saved results file; runs nothing."),
 ) -> None:
     """Time meProp against dense and prior-art baselines; writes bench-<device>-<time>.json, prints tables."""
@@ -70,13 +78,14 @@ def bench_command(
             typer.echo(report_file(report))
             return
         config = make_config(
-            quick, device=device, suites=suite, threads=threads, batches=batch, widths=width, ks=k,
+            quick, device=device, suites=suite, threads=threads, cpu_archs=cpu_arch, batches=batch, widths=width, ks=k,
             k_fraction=k_fraction, cpu_max_gflop=cpu_max_gflop, memory_limit_gib=memory_limit_gib, warmup=warmup,
             min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, min_sample_s=min_sample_s,
             train_limit=train_limit, train_epochs=train_epochs, train_k=train_k, mesimp_k=mesimp_k,
             train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None,
             parse_limit=parse_limit, parse_epochs=parse_epochs, parse_k=parse_k, parse_hidden=parse_hidden,
             parse_decode_repeats=parse_decode_repeats, ud_dir=str(ud_dir) if ud_dir else None,
-            out_dir=str(out_dir) if out_dir else None, seed=seed,
+            out_dir=str(out_dir) if out_dir else None, seed=seed, dist_processes=dist_processes,
+            dist_steps=dist_steps, dist_batch=dist_batch,
         )
         run_main(config, shlex.join(["mesimp-gpu", *sys.argv[1:]]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from mesimp_gpu.backends import BACKEND_NAMES, BackendUnavailable, InvalidGradientError
+from mesimp_gpu.backends import BACKEND_NAMES, BackendUnavailable, InvalidGradientError, is_backend_name
 from mesimp_gpu.data.conllu import ConlluFormatError
 from mesimp_gpu.data.idx import IdxFormatError
 
@@ -30,8 +30,9 @@ def user_errors() -> Iterator[None]:
 
 def check_backend(name: str) -> str:
     """Typer callback: reject unknown backend names before any work starts."""
-    if name not in BACKEND_NAMES:
-        raise typer.BadParameter(f"unknown backend {name!r}; choose one of: {', '.join(BACKEND_NAMES)}")
+    if not is_backend_name(name):
+        raise typer.BadParameter(f"unknown backend {name!r}; choose one of: {', '.join(BACKEND_NAMES)} "
+                                 "(cpu@LEVEL: the cpu backend built for one instruction-set level)")
     return name
 
 
