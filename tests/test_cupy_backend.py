@@ -59,14 +59,15 @@ def test_float64_is_ranked_at_float64_precision(seed: int) -> None:
     """Magnitudes equal in float32 but not in float64: the reference ranks them in float64, and every
     row keeps exactly k (rounding the threshold to float32 but comparing in float64 kept fewer)."""
     base = (np.abs(gradient(6, 1, "random").numpy()) + 1.0).astype(np.float64)  # float32 values, exactly
-    g = base + np.arange(40)[::-1] * 1e-12  # one float32 value per row, 40 distinct float64 ones
+    g = base + np.arange(40) * 1e-12  # one float32 value per row, 40 distinct float64 ones, largest last
     g[1] *= -1
     assert all(len(np.unique(row.astype(np.float32))) == 1 for row in g)
     for k in (1, 7, 40):
         idx = logic_select(g, k)
         assert idx.shape == (6, k)
         assert np.array_equal(idx, REF.topk_indices(torch.from_numpy(g), k).numpy())
-        assert np.array_equal(idx, np.tile(np.arange(k), (6, 1)))  # the largest are the lowest columns here
+        # float64 ranking keeps the last k columns; ranked in float32 all 40 tie and the first k would win
+        assert np.array_equal(idx, np.tile(np.arange(40 - k, 40), (6, 1)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
