@@ -53,7 +53,7 @@ def split_name(name: str) -> tuple[str, str | None]:
 def is_backend_name(name: str) -> bool:
     """Whether ``name`` is ``auto``, a registered backend, or a variant of one that takes variants."""
     base, variant = split_name(name)
-    return name in BACKEND_NAMES or (bool(variant) and base in VARIANT_BACKENDS)
+    return name == "auto" or name in REGISTRY or (bool(variant) and base in VARIANT_BACKENDS)
 
 
 class BackendUnavailable(RuntimeError):
