@@ -11,11 +11,22 @@ import torch
 from typer.testing import CliRunner
 
 from mesimp_gpu.cli import app
-from mesimp_gpu.data.conllu import SHAPE_FEATURES, TaggingVocab, TagSet, make_batch, read_conllu
+from mesimp_gpu.data.conllu import (
+    MAX_WORD_CHARS,
+    PAD_ID,
+    SHAPE_FEATURES,
+    UNK_ID,
+    Sentence,
+    TaggingVocab,
+    TagSet,
+    make_batch,
+    read_conllu,
+    word_chars,
+)
 from mesimp_gpu.lstm import GateSelection
 from mesimp_gpu.meprop import MePropConfig
 from mesimp_gpu.models.tagger import Tagger
-from mesimp_gpu.train.pos import Method, PosConfig, train_pos
+from mesimp_gpu.train.pos import PRESETS, Method, PosConfig, Preset, pos_config, train_pos
 
 LEXICON = {"DT": ["the", "a", "this"], "NN": ["dog", "cat", "house", "idea"], "VBZ": ["runs", "sees", "likes"],
            "JJ": ["big", "red", "old"], ".": ["."], "CD": ["3", "1,000", "42"]}
@@ -67,6 +78,101 @@ def test_tagger_shapes_and_masked_loss(treebank: Path) -> None:
     assert torch.isclose(model.loss(changed, batch.tags), model.loss(logits, batch.tags))
 
 
+def test_characters_encode_with_unk_and_pad(treebank: Path) -> None:
+    train = read_conllu(treebank / "toy-ud-train.conllu")
+    vocab = TaggingVocab.build(train, TagSet.XPOS)
+    seen = {c for s in train for w in s.words for c in w}
+    assert set(vocab.chars.itos[2:]) <= seen and "d" in vocab.chars.stoi
+    long_word = "a" * 15 + "xyz" + "b" * 15
+    assert word_chars(long_word) == "a" * 10 + "b" * 10 and word_chars("dog") == "dog"
+    encoded = vocab.encode(Sentence(("dog", "ŋ€d", long_word), ("X",) * 3, ("NN",) * 3, "here:1"))
+    assert encoded.chars.shape == (3, MAX_WORD_CHARS)
+    d = vocab.chars.index("d")
+    assert encoded.chars[0, :3].tolist() == [d, vocab.chars.index("o"), vocab.chars.index("g")]
+    assert encoded.chars[0, 3:].tolist() == [PAD_ID] * (MAX_WORD_CHARS - 3)
+    assert encoded.chars[1, :3].tolist() == [UNK_ID, UNK_ID, d]  # characters never seen in train
+    assert encoded.words[1].item() == UNK_ID
+    rebuilt = TaggingVocab.from_state_dict(vocab.state_dict())
+    assert torch.equal(rebuilt.encode(train[0]).chars, vocab.encode(train[0]).chars)
+    older = {k: v for k, v in vocab.state_dict().items() if k != "chars"}  # a model saved before characters
+    assert set(TaggingVocab.from_state_dict(older).encode(train[0]).chars.unique().tolist()) == {PAD_ID, UNK_ID}
+
+
+def test_char_cnn_ignores_padding_and_dropout_only_in_training(treebank: Path) -> None:
+    sentences = read_conllu(treebank / "toy-ud-train.conllu")
+    vocab = TaggingVocab.build(sentences, TagSet.XPOS)
+    torch.manual_seed(0)
+    model = Tagger(len(vocab.words), [len(v) for v in vocab.features.values()], len(vocab.tags),
+                   MePropConfig(k=2, backend="torch"), hidden=6, bidirectional=True,
+                   char_vocab_size=len(vocab.chars), char_dim=5, char_filters=7, dropout=0.5).eval()
+    assert model.lstm.input_size == 50 + 20 * len(SHAPE_FEATURES) + 7
+    short = Sentence(("a", "dog"), ("X",) * 2, ("DT", "NN"), "x:1")
+    longer = Sentence(("the", "big", "house", "Zyzzyva"), ("X",) * 4, ("DT",) * 4, "x:2")
+    alone = make_batch([vocab.encode(short)])
+    together = make_batch([vocab.encode(short), vocab.encode(longer)])  # more characters and tokens of padding
+    assert alone.chars.shape[1:] == (2, 3) and together.chars.shape[1:] == (4, 7)
+    chars_alone, chars_together = model.char_vectors(alone.chars), model.char_vectors(together.chars)
+    assert torch.allclose(chars_alone[0], chars_together[0, :2], atol=1e-6)
+    assert torch.count_nonzero(chars_together[0, 2:]) == 0  # padding tokens get zeros
+    assert torch.allclose(model(alone)[0], model(together)[0, :2], atol=1e-5)  # and evaluation is deterministic
+    model.train()
+    assert not torch.allclose(model(alone), model(alone))  # dropout acts in training
+    # the gradient reaches the character embeddings of real characters only, never the padding entry
+    model.loss(model(together), together.tags).backward()
+    grads = model.chars.embedding.weight.grad
+    assert grads[PAD_ID].abs().sum() == 0 and grads[vocab.chars.index("d")].abs().sum() > 0
+
+
+def test_presets_and_validation() -> None:
+    paper = pos_config(Preset.PAPER, data_dir="x")
+    assert (paper.hidden, paper.bidirectional, paper.k, paper.selection, paper.char_filters, paper.dropout) == (
+        500, False, 5, GateSelection.PER_GATE, 0, 0.0)
+    good = pos_config(Preset.COMPETITIVE, data_dir="x", method=Method.DENSE, epochs=3)
+    assert good.bidirectional and good.char_filters > 0 and good.dropout > 0 and good.lr_decay < 1
+    assert good.method is Method.DENSE and good.epochs == 3  # given settings win over the preset
+    assert set(PRESETS[Preset.COMPETITIVE]).isdisjoint({"method", "k"})  # methods compared on one preset
+    for bad, match in ((dict(dropout=1.0), "--dropout"), (dict(lr_decay=0.0), "--lr-decay"),
+                       (dict(char_filters=-1), "--char-filters"), (dict(hidden_sizes=(4,), bidirectional=True),
+                                                                   "--hidden-sizes"),
+                       (dict(compare_same_size=True), "--compare-same-size")):
+        with pytest.raises(ValueError, match=match):
+            PosConfig(data_dir="x", **bad)
+
+
+class LearningRates:
+    """Records the optimizer's learning rate after each piece."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def on_chunk_end(self, trainer, epoch: int, chunk: int) -> dict:
+        self.seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return {}
+
+
+def test_learning_rate_decays_per_epoch_and_resumes(treebank: Path, tmp_path: Path) -> None:
+    rates = LearningRates()
+    train_pos(small_config(treebank, tmp_path / "run", epochs=3, lr_decay=0.5, char_filters=4), hooks=(rates,))
+    assert rates.seen == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025])
+    resumed = LearningRates()
+    train_pos(small_config(treebank, tmp_path / "part", epochs=1, lr_decay=0.5, char_filters=4))
+    train_pos(small_config(treebank, tmp_path / "part", epochs=3, lr_decay=0.5, char_filters=4), resume=True,
+              hooks=(resumed,))
+    assert resumed.seen == pytest.approx(rates.seen[2:])
+
+
+def test_mesimp_with_same_size_baseline(treebank: Path, tmp_path: Path) -> None:
+    results = train_pos(small_config(treebank, tmp_path / "run", method=Method.MESIMP, hidden=16, prune=0.3,
+                                     bidirectional=True, char_filters=4, compare_same_size=True))
+    sizes = results["final"]["sizes"][1:-1]
+    assert len(sizes) == 2 and sum(sizes) < 32
+    same = results["same_size"]
+    assert same["sizes"][1:-1] == sizes and same["out"] == str(tmp_path / "run" / "same-size")
+    saved = json.loads((tmp_path / "run" / "same-size" / "results.json").read_text())
+    assert saved["config"]["method"] == "dense" and saved["config"]["hidden_sizes"] == sizes
+    assert saved["history"][0]["sizes"][1:-1] == sizes  # the baseline has meSimp's final size from the start
+
+
 @pytest.mark.parametrize("method", [Method.DENSE, Method.MEPROP])
 def test_training_learns_toy_grammar(treebank: Path, tmp_path: Path, method: Method) -> None:
     results = train_pos(small_config(treebank, tmp_path / "run", method=method, hidden=16, epochs=4))
@@ -103,6 +209,15 @@ def test_cli_runs_and_reports_bad_input(treebank: Path, tmp_path: Path) -> None:
     ok = runner.invoke(app, [*common, "--data-dir", str(treebank), "--out", str(tmp_path / "cli")])
     assert ok.exit_code == 0, ok.output
     assert "test accuracy" in ok.output and (tmp_path / "cli" / "results.json").is_file()
+    preset = runner.invoke(app, [*common, "--preset", "competitive", "--char-filters", "5", "--data-dir",
+                                 str(treebank), "--out", str(tmp_path / "preset")])
+    assert preset.exit_code == 0, preset.output
+    config = json.loads((tmp_path / "preset" / "results.json").read_text())["config"]
+    assert (config["hidden"], config["epochs"], config["char_filters"], config["bidirectional"]) == (8, 1, 5, True)
+    assert config["dropout"] == PRESETS[Preset.COMPETITIVE]["dropout"]
+    helped = runner.invoke(app, ["train", "pos", "--help"])
+    assert all(word in helped.output for word in ("--preset", "competitive", "--char-filters", "--dropout",
+                                                  "--lr-decay", "--bidirectional"))
     missing = runner.invoke(app, [*common, "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "--data-dir" in missing.output
     (treebank / "toy-ud-dev.conllu").write_text("1\tbroken line\n")
@@ -116,7 +231,7 @@ def test_saved_tagger_scores_as_in_training_and_tags_a_copy(treebank: Path, tmp_
 
     run = tmp_path / "run"
     results = train_pos(small_config(treebank, run, method=Method.MESIMP, hidden=16, epochs=2, prune=0.3,
-                                     bidirectional=True))
+                                     bidirectional=True, char_filters=6, dropout=0.2))
     final = results["final"]
     model, _ = load_tagger(run)
     best = next(h for h in results["history"] if h["step"] == final["best_step"])

@@ -20,7 +20,9 @@ Unknown words: the word vocabulary holds normalised train words (lower case, dig
 words map to ``UNK``. In training, :func:`word_dropout` replaces a word of train count ``c`` by ``UNK``
 with probability ``alpha / (alpha + c)``, so the ``UNK`` embedding is trained on rare words. Each token
 also gets :data:`SHAPE_FEATURES` (capitalisation, digits, hyphen, 2- and 3-letter prefixes and
-suffixes), which carry most of the information about a word the vocabulary does not know.
+suffixes), which carry most of the information about a word the vocabulary does not know, and its
+characters (raw form, :func:`word_chars`) for a character-level word model; characters rarer than
+twice in train map to the character ``UNK``, so that entry is trained and unseen characters are harmless.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _RANGE_ID = re.compile(r"[1-9][0-9]*-[1-9][0-9]*")
 _EMPTY_ID = re.compile(r"[0-9]+\.[1-9][0-9]*")
 _HEAD = re.compile(r"0|[1-9][0-9]*")
 _DIGIT = re.compile(r"[0-9]")
+#: characters of a word given to a character model: longer words keep their first and last half of this
+MAX_WORD_CHARS = 20
 
 
 class TagSet(str, enum.Enum):
@@ -333,6 +337,15 @@ def digits(word: str) -> str:
     return "number" if all(c.isdigit() or c in ",.-/:" for c in word) else "some"
 
 
+def word_chars(word: str) -> str:
+    """The characters of ``word`` a character model reads: all of them, or for a word longer than
+    :data:`MAX_WORD_CHARS` its first and last ``MAX_WORD_CHARS // 2`` (prefix and suffix carry the tag)."""
+    if len(word) <= MAX_WORD_CHARS:
+        return word
+    half = MAX_WORD_CHARS // 2
+    return word[:half] + word[-half:]
+
+
 #: name -> function of the raw word; one embedding table per feature
 SHAPE_FEATURES = {
     "cap": capitalisation,
@@ -388,22 +401,27 @@ class TagVocab:
 
 @dataclass(frozen=True)
 class EncodedSentence:
-    """Ids of one sentence: ``words`` ``[T]``, ``features`` ``[T, F]``, ``tags`` ``[T]`` (int64)."""
+    """Ids of one sentence: ``words`` ``[T]``, ``features`` ``[T, F]``, ``tags`` ``[T]``, ``chars`` ``[T, C]``
+    (int64; ``chars`` right-padded with ``PAD_ID``, ``C`` the longest word's :func:`word_chars`)."""
 
     words: Tensor
     features: Tensor
     tags: Tensor
+    chars: Tensor
 
 
 class TaggingVocab:
-    """Word, shape-feature and tag vocabularies built from the training sentences."""
+    """Word, shape-feature, character and tag vocabularies built from the training sentences."""
 
-    def __init__(self, words: Vocab, features: dict[str, Vocab], tags: TagVocab, tagset: TagSet) -> None:
+    def __init__(self, words: Vocab, features: dict[str, Vocab], tags: TagVocab, tagset: TagSet,
+                 chars: Vocab | None = None) -> None:
         self.words, self.features, self.tags, self.tagset = words, features, tags, tagset
+        self.chars = chars if chars is not None else Vocab(Counter())  # empty: only PAD and UNK
 
     @classmethod
     def build(cls, train: Sequence[Sentence], tagset: TagSet, affix_min_count: int = 2) -> TaggingVocab:
-        """Vocabularies from ``train``; affixes rarer than ``affix_min_count`` map to UNK (too rare to learn)."""
+        """Vocabularies from ``train``; affixes and characters rarer than ``affix_min_count`` map to UNK (too
+        rare to learn)."""
         if not train:
             raise ValueError("cannot build vocabularies from an empty training set")
         for sentence in train:
@@ -420,17 +438,22 @@ class TaggingVocab:
             for name, fn in SHAPE_FEATURES.items()
         }
         tags = TagVocab(t for s in train for t in s.tags(tagset))
-        return cls(words, features, tags, tagset)
+        chars = Vocab(Counter(c for w in tokens for c in word_chars(w)), min_count=affix_min_count)
+        return cls(words, features, tags, tagset, chars)
 
     def encode(self, sentence: Sentence) -> EncodedSentence:
-        """Ids of ``sentence``; unknown words and affixes map to UNK, unseen tags to ``len(self.tags)``."""
+        """Ids of ``sentence``; unknown words, affixes and characters map to UNK, unseen tags to ``len(self.tags)``."""
         words = torch.tensor([self.words.index(normalise_word(w)) for w in sentence.words], dtype=torch.long)
         features = torch.tensor(
             [[self.features[name].index(fn(w)) for name, fn in SHAPE_FEATURES.items()] for w in sentence.words],
             dtype=torch.long,
         )
         tags = torch.tensor([self.tags.index(t) for t in sentence.tags(self.tagset)], dtype=torch.long)
-        return EncodedSentence(words, features, tags)
+        spelled = [word_chars(w) for w in sentence.words]
+        chars = torch.full((len(spelled), max(map(len, spelled), default=0)), PAD_ID, dtype=torch.long)
+        for i, w in enumerate(spelled):
+            chars[i, : len(w)] = torch.tensor([self.chars.index(c) for c in w], dtype=torch.long)
+        return EncodedSentence(words, features, tags, chars)
 
     def state_dict(self) -> dict:
         """Everything needed to rebuild the vocabularies (stored in checkpoints)."""
@@ -439,26 +462,30 @@ class TaggingVocab:
             "features": {name: v.state_dict() for name, v in self.features.items()},
             "tags": self.tags.itos,
             "tagset": self.tagset.value,
+            "chars": self.chars.state_dict(),
         }
 
     @classmethod
     def from_state_dict(cls, state: dict) -> TaggingVocab:
         features = {name: Vocab.from_state_dict(c) for name, c in state["features"].items()}
-        return cls(Vocab.from_state_dict(state["words"]), features, TagVocab(state["tags"]), TagSet(state["tagset"]))
+        chars = Vocab.from_state_dict(state["chars"]) if "chars" in state else None  # absent in older models
+        return cls(Vocab.from_state_dict(state["words"]), features, TagVocab(state["tags"]), TagSet(state["tagset"]),
+                   chars)
 
 
 @dataclass(frozen=True)
 class Batch:
     """Padded sentences: ``words`` ``[B, T]``, ``features`` ``[B, T, F]``, ``tags`` ``[B, T]``
-    (:data:`IGNORE_TAG` at padding), ``lengths`` ``[B]``."""
+    (:data:`IGNORE_TAG` at padding), ``lengths`` ``[B]``, ``chars`` ``[B, T, C]`` (``PAD_ID`` at padding)."""
 
     words: Tensor
     features: Tensor
     tags: Tensor
     lengths: Tensor
+    chars: Tensor
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.words, self.features, self.tags, self.lengths)))
+        return Batch(*(t.to(device) for t in (self.words, self.features, self.tags, self.lengths, self.chars)))
 
 
 def make_batch(sentences: Sequence[EncodedSentence]) -> Batch:
@@ -470,10 +497,12 @@ def make_batch(sentences: Sequence[EncodedSentence]) -> Batch:
     words = torch.full((len(sentences), steps), PAD_ID, dtype=torch.long)
     features = torch.full((len(sentences), steps, n_features), PAD_ID, dtype=torch.long)
     tags = torch.full((len(sentences), steps), IGNORE_TAG, dtype=torch.long)
+    chars = torch.full((len(sentences), steps, max(s.chars.shape[1] for s in sentences)), PAD_ID, dtype=torch.long)
     for b, s in enumerate(sentences):
         n = len(s.words)
         words[b, :n], features[b, :n], tags[b, :n] = s.words, s.features, s.tags
-    return Batch(words, features, tags, lengths)
+        chars[b, :n, : s.chars.shape[1]] = s.chars
+    return Batch(words, features, tags, lengths, chars)
 
 
 def word_dropout(words: Tensor, counts: Tensor, alpha: float, generator: torch.Generator | None = None) -> Tensor:
