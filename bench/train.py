@@ -51,6 +51,14 @@ def label(method: Method, lazy: bool) -> str:
     return f"{method.value} --lazy" if lazy else method.value
 
 
+def train_backends(config: BenchConfig, device: torch.device) -> list[tuple[str, str]]:
+    """``(backend name, label suffix)`` of each set of runs: ``auto``'s backend once, or with ``--cpu-arch`` on a CPU
+    the cpu backend at each level (``cpu@<level>``, each set with its own dense baseline)."""
+    if config.cpu_archs and device.type == "cpu":
+        return [(f"cpu@{level}", f" [cpu@{level}]") for level in config.cpu_archs]
+    return [(get_backend("auto", device).name, "")]
+
+
 def take_turns(names: Sequence[str], epochs: int, train_to: Callable[[str, int], T]) -> dict[str, T]:
     """Train every run of ``names`` to epoch 1, then every one to epoch 2, and so on; the last result per run.
 
@@ -88,16 +96,16 @@ def add_speedups(rows: Sequence[dict[str, Any]]) -> None:
 def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
                     log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Train each method briefly, taking turns by epoch; one row per method: median epoch, phase split, accuracy."""
-    backend = get_backend("auto", device).name
     images = len(data.train) if config.train_limit is None else min(config.train_limit, len(data.train))
-    runs = {label(method, lazy): (method, k, lazy) for method, k, lazy in methods(config)}
+    runs = {f"{label(method, lazy)}{tag}": (method, k, lazy, backend) for backend, tag in train_backends(config, device)
+            for method, k, lazy in methods(config)}
     with tempfile.TemporaryDirectory(prefix="mesimp-bench-") as tmp:
 
         def train_to(name: str, epoch: int) -> tuple[MnistConfig, dict[str, Any]]:
-            method, k, lazy = runs[name]
+            method, k, lazy, backend = runs[name]
             settings = MnistConfig(method=method, k=k, lazy=lazy, optimizer=config.train_optimizer,
                                    lr=PAPER_LR[config.train_optimizer], epochs=epoch, device=config.device,
-                                   backend=backend, out=str(Path(tmp) / name.replace(" ", "")),
+                                   backend=backend, out=str(Path(tmp) / name.translate({ord(c): None for c in " []"})),
                                    limit=config.train_limit, seed=config.seed + 1, progress=False)
             log(f"train mnist {name} (k={k}): epoch {epoch}/{config.train_epochs} on {images} images")
             return settings, train_mnist(settings, resume=epoch > 1, data=data)
@@ -105,6 +113,7 @@ def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
         finished = take_turns(list(runs), config.train_epochs, train_to)
     rows: list[dict[str, Any]] = []
     for name, (settings, results) in finished.items():
+        backend = settings.backend
         method = settings.method
         timing = epoch_fields(results["epoch_seconds"])
         final = results["final"]
@@ -116,5 +125,6 @@ def run_train_suite(config: BenchConfig, device: torch.device, data: Mnist,
             **timing, full_epoch_s=timing["median_s"] * FULL_TRAIN_IMAGES / images,
             test_acc=final["test_acc_at_best_dev"], dev_acc=final["best_dev_acc"], sizes=final["sizes"],
         ))
-    add_speedups(rows)
+    for backend in dict.fromkeys(r["backend"] for r in rows):  # each backend's runs over its own dense run
+        add_speedups([r for r in rows if r["backend"] == backend])
     return rows

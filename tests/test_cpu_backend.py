@@ -362,3 +362,15 @@ def test_levels_are_backend_names_for_layers_and_the_bench(seed):
     if foreign:
         assert "cannot run here" in skipped[f"cpu@{foreign[0]}"]
     assert set(cpu_levels(backends)) == {f"cpu@{name}" for name in LEVELS}
+
+
+def test_train_suite_runs_each_level_as_its_own_set():
+    from mesimp_gpu.bench.config import BenchConfig
+    from mesimp_gpu.bench.train import train_backends
+
+    cpu_device = torch.device("cpu")
+    assert train_backends(BenchConfig(cpu_archs=("x86-64-v3", "native")), cpu_device) == [
+        ("cpu@x86-64-v3", " [cpu@x86-64-v3]"), ("cpu@native", " [cpu@native]")]
+    assert train_backends(BenchConfig(), cpu_device) == [("cpu", "")]
+    with pytest.raises(ValueError, match="--cpu-arch 'pentium'"):
+        BenchConfig(cpu_archs=("pentium",))
