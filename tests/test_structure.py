@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mesimp_gpu.optim", "mesimp_gpu.lazy_optim"),
     ("mesimp_gpu.mesimp",),
     ("mesimp_gpu.meprop", "mesimp_gpu.lstm"),
-    ("mesimp_gpu.models",),
+    ("mesimp_gpu.models", "mesimp_gpu.convert"),
     ("mesimp_gpu.train",),
     ("mesimp_gpu.bench",),
     ("mesimp_gpu.cli",),
