@@ -140,3 +140,36 @@ def test_reset_moments_keeps_step() -> None:
     state = opt.state[p]
     assert float(state["exp_avg"].abs().sum()) == 0 and float(state["exp_avg_sq"].abs().sum()) == 0
     assert float(state["step"]) == 1
+
+
+def test_uniform_init_and_dropout() -> None:
+    from mesimp_gpu.meprop import MePropConfig, MePropMode
+    from mesimp_gpu.models.mlp import MLP, Init
+
+    torch.manual_seed(0)
+    model = MLP([784, 512, 512, 10], MePropConfig(MePropMode.TOPK, 30, "torch"), dropout=0.5, init=Init.UNIFORM)
+    for layer in model.layers:
+        bound = 1 / layer.out_features ** 0.5
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.99 * bound, "U(-1/sqrt(out), ...)"
+        assert layer.bias.abs().max() <= bound and layer.bias.std() > 0.3 * bound, "biases too"
+    x = torch.rand(64, 784)
+    model.eval()
+    assert torch.equal(model(x), model(x)), "no dropout in evaluation"
+    model.train()
+    assert not torch.equal(model(x), model(x)), "dropout in training"
+    normal = MLP([784, 500, 10], MePropConfig(MePropMode.TOPK, 30, "torch"))
+    assert abs(float(normal.layers[0].weight.std()) - (6 / 1284) ** 0.5) < 0.01 and normal.layers[0].bias.eq(0).all()
+    with pytest.raises(ValueError, match="dropout"):
+        MLP([784, 10], MePropConfig(), dropout=1.0)
+
+
+def test_meprop_pytorch_preset() -> None:
+    from mesimp_gpu.models.mlp import Init
+    from mesimp_gpu.train.mnist import Preset, mnist_config
+
+    c = mnist_config(Preset.MEPROP_PYTORCH)
+    assert (c.method, c.k, c.sizes, c.batch_size, c.grad_sum, c.clip, c.lr, c.optimizer) == \
+        (Method.MEPROP, 30, [784, 512, 512, 10], 32, False, None, 1e-3, OptimizerName.ADAM)
+    assert (c.dropout, c.init, c.epochs, c.chunks) == (0.1, Init.UNIFORM, 20, 1)
+    with pytest.raises(ValueError, match="--dropout"):
+        mnist_config(Preset.MEPROP_PYTORCH, dropout=-0.1)

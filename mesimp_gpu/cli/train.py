@@ -37,6 +37,7 @@ from mesimp_gpu.data.conllu import TagSet
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder
 from mesimp_gpu.optim import OptimizerName
+from mesimp_gpu.models.mlp import Init
 from mesimp_gpu.models.parser import Activation
 from mesimp_gpu.train.mnist import MnistConfig, Preset, mnist_config
 from mesimp_gpu.train.parse import ParseConfig
@@ -67,9 +68,14 @@ def parse_widths(text: Optional[str]) -> Optional[tuple[int, ...]]:
 def train_mnist_command(
     ctx: typer.Context,
     preset: Optional[Preset] = typer.Option(None, help="paper: the meSimp paper's settings (k 160, prune 0.1, batch "
-                                            "100, 20 epochs, 8 chunks, cycles of 5 epochs, moment resets); "
+                                            "100, 20 epochs, 8 chunks, cycles of 5 epochs) with the C#'s hit rule "
+                                            "and moment resets up to the last prune step, and a tenth of the "
+                                            "learning rate in the last cycle, so the network at the end is small "
+                                            "and accurate; "
                                             "reference: exactly what the authors' C# program does (its hit rule, "
-                                            "moment resets and order of evaluation and pruning); options given "
+                                            "moment resets and order of evaluation and pruning); meprop-pytorch: "
+                                            "the authors' PyTorch meProp script (k 30, batch 32, mean loss, no "
+                                            "clipping, hidden 512, dropout 0.1, uniform init); options given "
                                             "explicitly override it."),
     method: Method = typer.Option(_DEFAULT.method, help="mesimp: top-k back propagation plus prune steps that shrink "
                                   "the network; dense: full back propagation; meprop: per-example top-k (the paper); "
@@ -93,6 +99,11 @@ def train_mnist_command(
                               "slightly different from Adam); other parameters get the full update."),
     grad_sum: bool = typer.Option(_DEFAULT.grad_sum, "--grad-sum/--grad-mean",
                                   help="Sum the loss over the minibatch (the reference) or average it."),
+    dropout: float = typer.Option(_DEFAULT.dropout, help="Dropout probability after every hidden ReLU (the "
+                                  "authors' PyTorch script: 0.1)."),
+    init: Init = typer.Option(_DEFAULT.init, help="normal: W ~ N(0, sqrt(6/(fan_in+fan_out))), b = 0 (the C# "
+                              "program); uniform: W and b ~ U(-1/sqrt(fan_out), 1/sqrt(fan_out)) (the authors' "
+                              "PyTorch script)."),
     chunks: int = typer.Option(_DEFAULT.chunks, help="Dev evaluations (and meSimp prune steps) per epoch; test is "
                                "scored when dev improves."),
     prune: float = prune_option(_DEFAULT.prune),
@@ -126,7 +137,7 @@ def train_mnist_command(
 
     Default: meSimp (k 160, prune 0.1, two hidden layers of 500), 2 epochs in 1-epoch cycles; minutes on 2 CPU cores.
     Epoch 1 prunes after each of its 8 chunks, epoch 2 trains the fixed sizes.
-    --preset paper runs the reference: 20 epochs in cycles of 5.
+    --preset paper and --preset reference run 20 epochs in cycles of 5.
     """
     from mesimp_gpu.train.mnist import summary_table, train_mnist
 
@@ -135,8 +146,8 @@ def train_mnist_command(
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, lr=lr, final_lr=final_lr, clip=clip or None, lazy=lazy,
-            grad_sum=grad_sum,
-            chunks=chunks, prune=prune, cycle=cycle, reset_moments=reset_moments, hits=hits, order=order,
+            grad_sum=grad_sum, dropout=dropout, init=init, chunks=chunks, prune=prune, cycle=cycle,
+            reset_moments=reset_moments, hits=hits, order=order,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,
         )

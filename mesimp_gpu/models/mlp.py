@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +19,20 @@ from mesimp_gpu.models.saved import load_model, meprop_config, meprop_settings, 
 MLP_FORMAT = "mesimp-gpu/mlp-v1"
 
 
+class Init(str, enum.Enum):
+    """How the MLP's weights and biases start."""
+
+    NORMAL = "normal"  # the C# program: W ~ N(0, std = sqrt(6 / (fan_in + fan_out))), b = 0
+    UNIFORM = "uniform"  # the authors' PyTorch script: W and b ~ U(-1/sqrt(fan_out), 1/sqrt(fan_out))
+
+
 class MLP(nn.Module):
     """``sizes = [in, h1, ..., hL, classes]``; hidden layers use ``config``, the output layer is dense.
 
     Input ``[B, in]`` -> logits ``[B, classes]``. ``meprop_output`` applies ``config`` to the output
     layer too (the papers back-propagate it fully). ``track_hits`` records meSimp hits on hidden layers,
-    by the C#'s rule with ``reference_hits`` (:func:`~mesimp_gpu.mesimp.reference_hits`).
+    by the C#'s rule with ``reference_hits`` (:func:`~mesimp_gpu.mesimp.reference_hits`). ``dropout``
+    (a probability) follows every hidden ReLU in training; ``init`` picks the initialisation.
     """
 
     def __init__(
@@ -32,10 +42,14 @@ class MLP(nn.Module):
         meprop_output: bool = False,
         track_hits: bool = False,
         reference_hits: bool = False,
+        dropout: float = 0.0,
+        init: Init = Init.NORMAL,
     ) -> None:
         super().__init__()
         if len(sizes) < 2 or any(s < 1 for s in sizes):
             raise ValueError(f"MLP sizes must be at least [in, out], all positive; got {list(sizes)}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         dense = replace(config, mode=MePropMode.DENSE)
         last = len(sizes) - 2
         self.layers = nn.ModuleList(
@@ -48,6 +62,14 @@ class MLP(nn.Module):
             )
             for i in range(len(sizes) - 1)
         )
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if Init(init) is Init.UNIFORM:
+            with torch.no_grad():
+                for layer in self.layers:
+                    bound = 1.0 / math.sqrt(layer.out_features)
+                    layer.weight.uniform_(-bound, bound)
+                    if layer.bias is not None:
+                        layer.bias.uniform_(-bound, bound)
 
     @property
     def sizes(self) -> list[int]:
@@ -61,7 +83,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.layers[:-1]:
-            x = nn.functional.relu(layer(x))
+            x = self.dropout(nn.functional.relu(layer(x)))
         return self.layers[-1](x)
 
     def mesimp_prune_(self, threshold: float, optimizer: torch.optim.Optimizer | None = None) -> list[int]:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder
 from mesimp_gpu.meprop import MePropConfig
-from mesimp_gpu.models.mlp import MLP, save_mlp
+from mesimp_gpu.models.mlp import MLP, Init, save_mlp
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.records import PHASES, accuracy
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings, with_preset
@@ -57,6 +57,8 @@ class MnistConfig:
     clip: float | None = 5.0  # element-wise gradient clipping; None disables
     lazy: bool = False  # update only the weight rows meProp touched (mesimp_gpu.lazy_optim)
     grad_sum: bool = True  # sum the loss over the minibatch (reference) instead of averaging
+    dropout: float = 0.0  # dropout probability after every hidden ReLU (the authors' PyTorch script: 0.1)
+    init: Init = Init.NORMAL  # normal: the C# program's; uniform: the authors' PyTorch script's
     chunks: int = 8  # dev evaluations per epoch ("IterPerEpoch" of the reference)
     prune: float = 0.1  # meSimp: remove neurons with hits < floor(refer * prune), in [0, 1)
     cycle: int = 1  # meSimp: epochs per cycle, prune in even cycles (reference 5); 0: prune always
@@ -78,6 +80,8 @@ class MnistConfig:
                                   "batch_size": self.batch_size, "chunks": self.chunks})
         if self.hidden_sizes is not None and (not self.hidden_sizes or min(self.hidden_sizes) < 1):
             raise ValueError(f"--hidden-sizes must be positive widths, got {list(self.hidden_sizes)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.final_lr is not None and not (0 < self.final_lr < math.inf and self.cycle >= 1):
             raise ValueError(f"--final-lr must be a positive number and needs --cycle >= 1 (it sets the learning "
                              f"rate of the last cycle); got {self.final_lr} with --cycle {self.cycle}")
@@ -100,6 +104,7 @@ class Preset(str, enum.Enum):
 
     PAPER = "paper"  # the meSimp paper's settings (C# code, MNIST), its network at the end is the one measured
     REFERENCE = "reference"  # exactly what the C# program does: its hit rule, moment resets and order
+    MEPROP_PYTORCH = "meprop-pytorch"  # the authors' PyTorch meProp script (per-example top-k)
 
 
 #: preset -> settings; options given explicitly on the command line override them
@@ -117,6 +122,13 @@ PRESETS: dict[Preset, dict[str, Any]] = {
 }
 PRESETS[Preset.REFERENCE] = {**PRESETS[Preset.PAPER], "reset_moments": MomentReset.LAST_EPOCH,
                              "order": PruneOrder.EVALUATE_FIRST, "final_lr": None}
+# src/pytorch of lancopku/meProp: Adam at its defaults, mean loss, no clipping, batch 32, k 30, two hidden
+# layers of 512 with dropout 0.1, uniform initialisation, one dev evaluation per epoch, 20 epochs
+PRESETS[Preset.MEPROP_PYTORCH] = dict(
+    method=Method.MEPROP, k=30, hidden=512, layers=2, hidden_sizes=None, epochs=20, batch_size=32,
+    optimizer=OptimizerName.ADAM, lr=1e-3, clip=None, grad_sum=False, chunks=1, dropout=0.1, init=Init.UNIFORM,
+    final_lr=None,
+)
 
 
 def mnist_config(preset: Preset | None = None, **settings: Any) -> MnistConfig:
@@ -156,8 +168,8 @@ class MnistTrainer(Trainer):
         c = self.config
         sizes = c.sizes if hidden_sizes is None else [INPUT_SIZE, *hidden_sizes, CLASSES]
         meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.hits is HitRule.NONZERO)
-        return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP,
-                   reference_hits=c.hits is HitRule.REFERENCE).to(self.device)
+        return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP, reference_hits=c.hits is HitRule.REFERENCE,
+                   dropout=c.dropout, init=c.init).to(self.device)
 
     @property
     def sizes(self) -> list[int]:
