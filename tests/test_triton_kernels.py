@@ -98,6 +98,38 @@ def test_topk_select_matches_reference(
     assert int(flag) == 0
 
 
+@pytest.mark.parametrize("draw", range(4))
+def test_random_shapes_match_reference(seed: int, draw: int) -> None:
+    """Shapes, k, kind and selection path drawn from the seed: selection, hits, dx (fused or not), dW and
+    the column scores against the reference."""
+    gen = torch.Generator().manual_seed(seed * 101 + draw)
+
+    def pick(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    rows, cols, n_in = pick(1, 6), pick(1, 300), pick(1, 150)
+    k = [1, cols, pick(1, cols)][pick(0, 2)]
+    kind = ["random", "ties", "sparse", "tiny"][pick(0, 3)]
+    path = pick(0, 2)  # default, streamed, two stages
+    block_n = pick(8, 64) if path == 1 else None
+    chunk = pick(4, 64) if path == 2 else None
+    g = gradient(rows, cols, kind, device=DEVICE)
+    weight, x = torch.randn(cols, n_in, device=DEVICE), torch.randn(rows, n_in, device=DEVICE)
+    hits = torch.zeros(cols, dtype=torch.int64, device=DEVICE)
+    fuse = path == 0 and bool(pick(0, 1))
+    msg = f"B={rows} n={cols} in={n_in} k={k} {kind} block_n={block_n} chunk={chunk} fuse={fuse}"
+    vals, idx, dx = topk_dx(g, k, weight, hits=hits, fuse=fuse, block_n=block_n, chunk=chunk)
+    expected = REF.topk_indices(g.cpu(), k)
+    assert torch.equal(idx.cpu(), expected), msg
+    assert torch.equal(vals.cpu(), g.cpu().gather(1, expected)), msg
+    assert torch.equal(hits.cpu(), torch.bincount(expected.reshape(-1), minlength=cols)), msg
+    edx, edw = REF.sparse_backward(g.cpu(), expected, x.cpu(), weight.cpu())
+    assert_close_to_reference(dx, edx, F32, terms=k, msg=msg)
+    assert_close_to_reference(meprop_dw(vals, idx, x, cols, out=poisoned((cols, n_in), F32)), edw, F32, terms=rows,
+                              msg=msg)
+    assert_close_to_reference(column_scores(g), g.cpu().double().abs().sum(dim=0), F32, terms=rows, msg=msg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_topk_select_half_precision(seed: int, dtype: torch.dtype) -> None:
     g = gradient(6, 45, "random", dtype, device=DEVICE)
