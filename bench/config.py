@@ -29,6 +29,7 @@ class Suite(str, enum.Enum):
     TOPK = "topk"  # row-wise top-k selection alone
     TRAIN = "train"  # time per epoch of MNIST training, split by phase
     PARSE = "parse"  # time per epoch of parser training by phase, and decoding speed of the simplified parser
+    DISTRIBUTED = "distributed"  # data-parallel training: bytes sent and time per step, dense all-reduce vs row hook
 
 
 class Pass(str, enum.Enum):
@@ -50,6 +51,8 @@ class Provider(str, enum.Enum):
     TORCH_TOPK = "torch.topk"  # torch.topk of |G|: the baseline of the topk suite
     SELECT = "topk_indices"  # a backend's row-wise selection (Backend.topk_indices)
     SIMPLIFIED = "mesimp-simplified"  # parse suite decoding: the meSimp-trained parser at its pruned size
+    DDP_DENSE = "ddp-dense"  # distributed suite: DDP's all-reduce of every gradient entry
+    ROW_HOOK = "row-hook"  # distributed suite: only the rows of dW some process touched (unified: the shared k)
 
 
 def all_cores() -> int:
@@ -91,13 +94,17 @@ class BenchConfig:
     parse_k: int = 20  # parse suite: k of meProp and meSimp (the papers' parsing setting)
     parse_hidden: int = 500  # parse suite: hidden units of the parser (the papers: 500)
     parse_decode_repeats: int = 5  # parse suite: timed passes over dev per parser (after one untimed pass)
+    dist_processes: tuple[int, ...] = (1, 2, 4)  # distributed suite: process counts (time only up to the cores)
+    dist_steps: int = 20  # distributed suite: timed steps per configuration (after 3 untimed ones)
+    dist_batch: int = 100  # distributed suite: global minibatch, split among the processes
     ud_dir: str | None = None  # parse suite: folder with *train/*dev/*test.conllu[.gz]; default: MESIMP_UD_DIR
     out_dir: str = "runs/bench"  # where bench-<device>-<time>.json and its plots are written (relative: to the
     # current folder, like every run folder)
     seed: int = 0  # seeds the inputs of every configuration
 
     def __post_init__(self) -> None:
-        positive = {"batch": self.batches, "width": self.widths, "k": self.ks}
+        positive = {"batch": self.batches, "width": self.widths, "k": self.ks, "dist-processes": self.dist_processes,
+                    "dist-steps": (self.dist_steps,), "dist-batch": (self.dist_batch,)}
         for name, values in positive.items():
             if not values or any(v < 1 for v in values):
                 raise ValueError(f"--{name} needs positive values, got {list(values)}")
@@ -151,6 +158,8 @@ QUICK = dict(
     parse_limit=100,
     parse_epochs=1,
     parse_decode_repeats=3,
+    dist_processes=(1, 2),
+    dist_steps=5,
 )
 
 

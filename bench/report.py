@@ -144,6 +144,28 @@ def train_section(doc: dict[str, Any]) -> str:
                        body)])
 
 
+def distributed_section(doc: dict[str, Any]) -> str:
+    """The distributed suite's table: payload per step against the dense all-reduce's, and time per step."""
+    rows = suite_rows(doc, Suite.DISTRIBUTED)
+    if not rows:
+        return ""
+    body = []
+    for r in rows:
+        share = f"{r['bytes_per_step'] / r['dense_bytes_per_step']:.3f}" if r["dense_bytes_per_step"] else "-"
+        step = f"{r['median_s'] * 1e3:.1f}" if r["median_s"] is not None else "(volume only)"
+        body.append([r["model"], r["method"], r["comm"], r["processes"], f"{r['bytes_per_step'] / 1e3:,.1f}",
+                     share, f"{r['wire_bytes_per_step'] / 1e3:,.1f}", step])
+    first = rows[0]
+    return "\n".join([
+        "## Data-parallel training: bytes sent and time per step", "",
+        f"Global batch {first['batch']}, k = {first['k']}, {first['steps']} timed steps; payload: bytes each process "
+        "hands to all-reduces per step (gradients, row masks, unified column scores); wire: a ring all-reduce's "
+        "2 (N-1)/N of it; share: payload over the dense all-reduce's. Step time: process 0's median, only where "
+        "every process has a core (or GPU) of its own.", "",
+        markdown_table(["model", "method", "comm", "N", "payload kB/step", "share of dense", "wire kB/step",
+                        "step ms"], body)])
+
+
 def score(value: float | None) -> str:
     """A UAS/LAS percentage, or a dash when the run never scored test."""
     return "-" if value is None else f"{value:.2f}"
@@ -232,7 +254,8 @@ def render(doc: dict[str, Any], plot_links: dict[str, str] | None = None) -> str
     """The whole report as markdown; ``plot_links`` (title -> link) adds the plots at the end."""
     sections = [header_section(doc), calibration_section(doc), layer_section(doc), topk_section(doc),
                 traffic_section(doc, markdown_table),
-                train_section(doc), parse_section(doc), plots_section(plot_links or {})]
+                train_section(doc), parse_section(doc), distributed_section(doc),
+                plots_section(plot_links or {})]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 

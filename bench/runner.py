@@ -23,6 +23,7 @@ from mesimp_gpu.backends.cpu import CpuBackend
 from mesimp_gpu.bench.calibrate import add_hardware_fractions, calibrate
 from mesimp_gpu.bench.common import available_backends
 from mesimp_gpu.bench.config import BenchConfig, Suite, all_cores
+from mesimp_gpu.bench.distributed import run_distributed_suite
 from mesimp_gpu.bench.layer import run_layer_suite
 from mesimp_gpu.bench.parse import Treebank, load_treebank, run_parse_suite
 from mesimp_gpu.bench.report import draw_plots, plot_links, render
@@ -128,7 +129,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
     """
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     device = resolve_device(config.device)
-    if Suite.TRAIN in config.suites and data is None:
+    if (Suite.TRAIN in config.suites or Suite.DISTRIBUTED in config.suites) and data is None:
         data = load_mnist(config.data_dir)  # now: a missing data set should fail before minutes of timing
     treebank = load_treebank(config) if Suite.PARSE in config.suites else None  # a missing one skips the suite
     if isinstance(treebank, str):
@@ -167,6 +168,8 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
                 doc["rows"] += run_topk_suite(config, device, backends, clock, log)
             elif suite is Suite.TRAIN:
                 doc["rows"] += run_train_suite(config, device, data, log)
+            elif suite is Suite.DISTRIBUTED:
+                doc["rows"] += run_distributed_suite(config, device, data, log)
             else:
                 doc["rows"] += run_parse_suite(config, device, treebank, clock, log)
             write_json(path, doc)

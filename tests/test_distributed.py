@@ -17,7 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mesimp_gpu.bench import distributed as bench
+from mesimp_gpu.bench.distributed import Spec
 from mesimp_gpu.data.mnist import Mnist, Split
+from mesimp_gpu.meprop import MePropMode
 from mesimp_gpu.train.distributed import Comm, DistributedOptions, Processes, configure, launch
 from mesimp_gpu.train.mnist import MnistConfig, train_mnist
 from mesimp_gpu.train.settings import Method
@@ -64,15 +67,24 @@ def run_and_save(config: MnistConfig, comm: str, resume: bool = False) -> None:
     torch.save({"results": results, "states": keep.states}, Path(config.out) / f"rank{rank}.pt")
 
 
-def run_all(runs: list[tuple[MnistConfig, str, bool]]) -> None:
-    """Several runs (config, comm, resume) one after another in the same processes (one start-up for all)."""
+def run_all(runs: list[tuple[MnistConfig, str, bool]], specs: list[Spec], folder: Path) -> None:
+    """Several runs (config, comm, resume) one after another in the same processes (one start-up for all),
+    then the bench suite's measurements of ``specs``."""
     for config, comm, resume in runs:
         run_and_save(config, comm, resume)
+    data = tiny_data()
+    bench.worker(specs, data.train.images.repeat(4, 1), data.train.labels.repeat(4), "cpu", str(folder))
 
 
 #: (method, comm) of every two-process run the tests compare
 CASES = [(Method.DENSE, "dense"), (Method.MEPROP, "dense"), (Method.UNIFIED, "dense"), (Method.MESIMP, "dense"),
          (Method.MEPROP, "rows"), (Method.UNIFIED, "rows"), (Method.MESIMP, "rows")]
+
+
+#: the bench suite's configurations measured by two processes (dense, row hook, shared unified set)
+BENCH_SPECS = [Spec("mnist-mlp", MePropMode.DENSE, Comm.DENSE, 20, 100, 2),
+               Spec("mnist-mlp", MePropMode.TOPK, Comm.ROWS, 20, 100, 2),
+               Spec("mnist-mlp", MePropMode.UNIFIED, Comm.ROWS, 20, 100, 2)]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +97,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     stopped = root / "two-mesimp-resumed"  # stopped after its first epoch, then resumed
     runs += [(tiny_config(stopped, Method.MESIMP, epochs=1), "rows", False),
              (tiny_config(stopped, Method.MESIMP), "rows", True)]
-    launch(2, run_all, runs, threads=1)
+    launch(2, run_all, runs, BENCH_SPECS, root, threads=1)
     return root
 
 
@@ -194,3 +206,18 @@ def test_a_silent_process_makes_the_others_stop_after_the_timeout(tmp_path: Path
                                          r"the run stopped or did not answer within 5 s"):
         launch(2, fail_run, tiny_config(tmp_path, Method.MEPROP), 1, True, threads=1)
     assert time.monotonic() - start < 120
+
+
+def test_bench_counts_the_bytes_each_communication_sends(runs: Path) -> None:
+    dense, rows, shared = torch.load(runs / "measured.pt", weights_only=False)
+    # DDP's all-reduce: every gradient entry of 784-500-500-10, float32
+    full = 4 * (784 * 500 + 500 + 500 * 500 + 500 + 500 * 10 + 10)
+    assert dense["bytes"] == [full, full] and dense["dense_bytes"] == full
+    # shared unified set: k = 20 rows of each hidden weight, the other gradients in full, and the
+    # column scores of both hidden layers; no row masks
+    expected = 4 * (20 * 784 + 20 * 500 + 500 + 500 + 500 * 10 + 10 + 2 * 500)
+    assert shared["bytes"] == [expected, expected]
+    # row hook: one mask byte per hidden row, then the union's rows (at least k, at most all)
+    others = 4 * (500 + 500 + 500 * 10 + 10)
+    for sent in rows["bytes"]:
+        assert 1000 + others + 4 * 20 * (784 + 500) <= sent <= 1000 + full

@@ -58,6 +58,11 @@ def bench_command(
                                           "of UD English EWT the suite takes about 15-20 minutes on a 2-core CPU."),
     out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
     seed: Optional[int] = typer.Option(None, help=f"Seed of the inputs. Default: {_BENCH.seed}."),
+    dist_processes: Optional[list[int]] = typer.Option(None, help="Distributed suite: process count (repeatable; "
+                                                       f"time only up to the cores). Default: {_BENCH.dist_processes}."),
+    dist_steps: Optional[int] = typer.Option(None, help=f"Distributed suite: timed steps. Default: {_BENCH.dist_steps}."),
+    dist_batch: Optional[int] = typer.Option(None, help="Distributed suite: global minibatch. "
+                                             f"Default: {_BENCH.dist_batch}."),
     report: Optional[Path] = typer.Option(None, help="Redraw tables and plots of a saved results file; runs nothing."),
 ) -> None:
     """Time meProp against dense and prior-art baselines; writes bench-<device>-<time>.json, prints tables."""
@@ -80,6 +85,9 @@ def bench_command(
             train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None,
             parse_limit=parse_limit, parse_epochs=parse_epochs, parse_k=parse_k, parse_hidden=parse_hidden,
             parse_decode_repeats=parse_decode_repeats, ud_dir=str(ud_dir) if ud_dir else None,
-            out_dir=str(out_dir) if out_dir else None, seed=seed,
+            tagger_limit=tagger_limit, tagger_epochs=tagger_epochs, tagger_k=tagger_k, tagger_hidden=tagger_hidden,
+            tagger_decode_repeats=tagger_decode_repeats,
+            out_dir=str(out_dir) if out_dir else None, seed=seed, dist_processes=dist_processes,
+            dist_steps=dist_steps, dist_batch=dist_batch,
         )
         run_main(config, shlex.join(["mesimp-gpu", *sys.argv[1:]]))
