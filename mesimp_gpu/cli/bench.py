@@ -85,8 +85,6 @@ def bench_command(
             train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None,
             parse_limit=parse_limit, parse_epochs=parse_epochs, parse_k=parse_k, parse_hidden=parse_hidden,
             parse_decode_repeats=parse_decode_repeats, ud_dir=str(ud_dir) if ud_dir else None,
-            tagger_limit=tagger_limit, tagger_epochs=tagger_epochs, tagger_k=tagger_k, tagger_hidden=tagger_hidden,
-            tagger_decode_repeats=tagger_decode_repeats,
             out_dir=str(out_dir) if out_dir else None, seed=seed, dist_processes=dist_processes,
             dist_steps=dist_steps, dist_batch=dist_batch,
         )
