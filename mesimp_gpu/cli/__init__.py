@@ -11,6 +11,7 @@ from mesimp_gpu.cli.bench import bench_command
 from mesimp_gpu.cli.check import check_command
 from mesimp_gpu.cli.evaluate import evaluate_command
 from mesimp_gpu.cli.inference import parse_command, tag_command
+from mesimp_gpu.cli.reproduce import reproduce_command
 from mesimp_gpu.cli.train import train_app
 
 app = typer.Typer(help="meProp (sparsified back propagation) and meSimp (model simplification).",
@@ -21,6 +22,7 @@ app.command("tag")(tag_command)
 app.command("parse")(parse_command)
 app.command("bench")(bench_command)
 app.command("check")(check_command)
+app.command("reproduce")(reproduce_command)
 
 
 def main() -> None:
