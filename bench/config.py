@@ -29,6 +29,7 @@ class Suite(str, enum.Enum):
     TOPK = "topk"  # row-wise top-k selection alone
     TRAIN = "train"  # time per epoch of MNIST training, split by phase
     PARSE = "parse"  # time per epoch of parser training by phase, and decoding speed of the simplified parser
+    TAGGER = "tagger"  # time per epoch of POS-tagger training by phase, and tagging speed of the simplified tagger
     DISTRIBUTED = "distributed"  # data-parallel training: bytes sent and time per step, dense all-reduce vs row hook
 
 
@@ -50,7 +51,7 @@ class Provider(str, enum.Enum):
     PRIOR_SPARSE = "prior-sparse"  # torch.topk, a sparse COO G_k, torch.sparse.mm (the authors' GPU code)
     TORCH_TOPK = "torch.topk"  # torch.topk of |G|: the baseline of the topk suite
     SELECT = "topk_indices"  # a backend's row-wise selection (Backend.topk_indices)
-    SIMPLIFIED = "mesimp-simplified"  # parse suite decoding: the meSimp-trained parser at its pruned size
+    SIMPLIFIED = "mesimp-simplified"  # parse/tagger suite decoding: the meSimp-trained model at its pruned size
     DDP_DENSE = "ddp-dense"  # distributed suite: DDP's all-reduce of every gradient entry
     ROW_HOOK = "row-hook"  # distributed suite: only the rows of dW some process touched (unified: the shared k)
 
@@ -94,6 +95,11 @@ class BenchConfig:
     parse_k: int = 20  # parse suite: k of meProp and meSimp (the papers' parsing setting)
     parse_hidden: int = 500  # parse suite: hidden units of the parser (the papers: 500)
     parse_decode_repeats: int = 5  # parse suite: timed passes over dev per parser (after one untimed pass)
+    tagger_limit: int | None = None  # tagger suite: first N training sentences (dev/test: max(N // 10, 100)); None: all
+    tagger_epochs: int = 2  # tagger suite: epochs per method (meSimp prunes in the first, recovers in the second)
+    tagger_k: int = 5  # tagger suite: k per gate of meProp and meSimp (the meProp paper's POS setting)
+    tagger_hidden: int = 200  # tagger suite: LSTM units per direction (train pos --preset competitive)
+    tagger_decode_repeats: int = 5  # tagger suite: timed passes over dev per tagger (after one untimed pass)
     dist_processes: tuple[int, ...] = (1, 2, 4)  # distributed suite: process counts (time only up to the cores)
     dist_steps: int = 20  # distributed suite: timed steps per configuration (after 3 untimed ones)
     dist_batch: int = 100  # distributed suite: global minibatch, split among the processes
@@ -117,10 +123,10 @@ class BenchConfig:
         if self.min_repeats < 1 or self.max_repeats < self.min_repeats:
             raise ValueError(f"need 1 <= --min-repeats <= --max-repeats, got {self.min_repeats}, {self.max_repeats}")
         if self.warmup < 0 or self.budget_s <= 0 or self.min_sample_s <= 0:
+            raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
         unknown_levels = [a for a in self.cpu_archs if a not in ARCH_LEVELS]
         if unknown_levels:
             raise ValueError(f"--cpu-arch {unknown_levels[0]!r} is not a level; choose from: {', '.join(ARCH_LEVELS)}")
-            raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
         if (self.train_limit is not None and self.train_limit < 1) or self.train_epochs < 1 or self.train_k < 1 or self.mesimp_k < 1:
             raise ValueError("--train-limit, --train-epochs, --train-k and --mesimp-k must be at least 1")
         if ((self.parse_limit is not None and self.parse_limit < 1) or self.parse_epochs < 1 or self.parse_k < 1
@@ -129,6 +135,10 @@ class BenchConfig:
                              "must be at least 1")
         if self.parse_k > self.parse_hidden:
             raise ValueError(f"--parse-k {self.parse_k} exceeds --parse-hidden {self.parse_hidden}")
+        if ((self.tagger_limit is not None and self.tagger_limit < 1) or min(self.tagger_epochs, self.tagger_k,
+                                                                          self.tagger_hidden, self.tagger_decode_repeats) < 1):
+            raise ValueError("--tagger-limit, --tagger-epochs, --tagger-k, --tagger-hidden and --tagger-decode-repeats "
+                             "must be at least 1")
 
     @property
     def thread_count(self) -> int:
@@ -158,6 +168,10 @@ QUICK = dict(
     parse_limit=100,
     parse_epochs=1,
     parse_decode_repeats=3,
+    tagger_limit=200,
+    tagger_epochs=1,
+    tagger_hidden=64,
+    tagger_decode_repeats=3,
     dist_processes=(1, 2),
     dist_steps=5,
 )

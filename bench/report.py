@@ -16,6 +16,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from matplotlib.transforms import offset_copy
 
 from mesimp_gpu.bench.config import Pass, Provider, Suite
+from mesimp_gpu.bench.tagger import tagger_section
 from mesimp_gpu.bench.traffic import traffic_section
 from mesimp_gpu.plots import new_figure, save_figure
 from mesimp_gpu.train.records import PHASES
@@ -254,7 +255,8 @@ def render(doc: dict[str, Any], plot_links: dict[str, str] | None = None) -> str
     """The whole report as markdown; ``plot_links`` (title -> link) adds the plots at the end."""
     sections = [header_section(doc), calibration_section(doc), layer_section(doc), topk_section(doc),
                 traffic_section(doc, markdown_table),
-                train_section(doc), parse_section(doc), distributed_section(doc),
+                train_section(doc), parse_section(doc), tagger_section(suite_rows(doc, Suite.TAGGER), markdown_table),
+                distributed_section(doc),
                 plots_section(plot_links or {})]
     return "\n\n".join(s for s in sections if s) + "\n"
 

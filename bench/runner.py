@@ -26,6 +26,7 @@ from mesimp_gpu.bench.config import BenchConfig, Suite, all_cores
 from mesimp_gpu.bench.distributed import run_distributed_suite
 from mesimp_gpu.bench.layer import run_layer_suite
 from mesimp_gpu.bench.parse import Treebank, load_treebank, run_parse_suite
+from mesimp_gpu.bench.tagger import load_tagger_data, run_tagger_suite
 from mesimp_gpu.bench.report import draw_plots, plot_links, render
 from mesimp_gpu.bench.timing import clock_for
 from mesimp_gpu.bench.topk import run_topk_suite
@@ -64,7 +65,6 @@ def modified_files() -> list[str] | None:
     return [line[3:] for line in out.stdout.splitlines()] if out.returncode == 0 else None
 
 
-def notes_for(config: BenchConfig, device: torch.device, treebank: Treebank | str | None = None) -> list[str]:
 def with_cpu_levels(backends: dict[str, Backend], skipped: dict[str, str],
                     levels: tuple[str, ...]) -> tuple[dict[str, Backend], dict[str, str]]:
     """``backends`` with the cpu backend replaced by one per instruction-set level (``cpu@<level>``, in the
@@ -88,6 +88,7 @@ def cpu_levels(backends: dict[str, Backend]) -> dict[str, dict[str, str]]:
             for name, backend in backends.items() if isinstance(backend, CpuBackend)}
 
 
+def notes_for(config: BenchConfig, device: torch.device, treebank: Treebank | str | None = None) -> list[str]:
     """What a reader must know to read the numbers right (``treebank``: the parse suite's, or why there is none)."""
     notes = []
     if Suite.LAYER in config.suites or Suite.TOPK in config.suites:
@@ -110,6 +111,11 @@ def cpu_levels(backends: dict[str, Backend]) -> dict[str, dict[str, str]]:
                      f"{config.parse_hidden} hidden units), methods taking turns by epoch; scores are those of this "
                      f"short run; decoding: {len(treebank.splits['dev'])} dev sentences, the dense and the simplified "
                      f"parser alternating, {config.parse_decode_repeats} timed full passes each")
+    if Suite.TAGGER in config.suites:
+        which = "all" if config.tagger_limit is None else f"the first {config.tagger_limit}"
+        notes.append(f"tagger suite: {which} training sentences, {config.tagger_epochs} epoch(s) per method (dense, "
+                     f"meProp and meSimp at k={config.tagger_k} per gate, BiLSTM of {config.tagger_hidden} per "
+                     "direction), methods taking turns by epoch; accuracies are those of this short run")
     load, cores = os.getloadavg()[0], all_cores()
     if device.type == "cpu" and config.thread_count > 1 and load > cores:
         notes.append(f"the machine was busy (load average {load:.1f} on {cores} cores): with {config.thread_count} "
@@ -134,13 +140,16 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
     treebank = load_treebank(config) if Suite.PARSE in config.suites else None  # a missing one skips the suite
     if isinstance(treebank, str):
         log(f"the parse suite will be skipped: {treebank}")
+    tagger_data = load_tagger_data(config) if Suite.TAGGER in config.suites else None
+    if isinstance(tagger_data, str):
+        log(f"the tagger suite will be skipped: {tagger_data}")
     created = datetime.now(timezone.utc)
     path = results_path(config, created)
     with torch_threads(config.thread_count):
         backends, skipped = available_backends(device)
-        for name, reason in skipped.items():
         if config.cpu_archs and device.type == "cpu":
             backends, skipped = with_cpu_levels(backends, skipped, config.cpu_archs)
+        for name, reason in skipped.items():
             log(f"backend {name} skipped: {reason}")
         header: dict[str, Any] = {
             "created": created.isoformat(timespec="seconds"),
@@ -152,8 +161,8 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             "modified_files": modified_files(),  # uncommitted changes the run included, beyond git_commit
             "config": jsonable(config),
             "backends": list(backends),
-            "skipped_backends": skipped,
             "cpu_levels": cpu_levels(backends),
+            "skipped_backends": skipped,
             "notes": notes_for(config, device, treebank),
         }
         doc: dict[str, Any] = {"header": header, "rows": [], "finished": False}
@@ -170,6 +179,8 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
                 doc["rows"] += run_train_suite(config, device, data, log)
             elif suite is Suite.DISTRIBUTED:
                 doc["rows"] += run_distributed_suite(config, device, data, log)
+            elif suite is Suite.TAGGER:
+                doc["rows"] += run_tagger_suite(config, device, tagger_data, clock, log)
             else:
                 doc["rows"] += run_parse_suite(config, device, treebank, clock, log)
             write_json(path, doc)

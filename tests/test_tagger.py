@@ -266,3 +266,62 @@ def test_tag_and_evaluate_commands(treebank: Path, tmp_path: Path) -> None:
     empty.write_text("")
     result = runner.invoke(app, ["tag", str(run), str(empty), "-o", str(tmp_path / "e.conllu")])
     assert result.exit_code == 2 and "no sentences" in result.output
+
+
+def bench_config(tmp_path: Path, ud_dir: str, **changes):
+    from mesimp_gpu.bench.config import Suite, make_config
+
+    settings = dict(suites=(Suite.TAGGER,), tagger_epochs=2, tagger_k=1, tagger_hidden=48, tagger_decode_repeats=2,
+                    ud_dir=ud_dir, threads=1, out_dir=str(tmp_path / "bench"))
+    return make_config(**{**settings, **changes})
+
+
+def test_bench_tagger_suite_trains_three_methods_and_times_both_taggers(treebank: Path, tmp_path: Path) -> None:
+    from mesimp_gpu.bench.config import Provider, Suite
+    from mesimp_gpu.bench.report import load, render
+    from mesimp_gpu.bench.runner import run_bench
+
+    path, doc = run_bench(bench_config(tmp_path, str(treebank)), command="mesimp-gpu bench (tagger test)",
+                          log=lambda line: None)
+    rows = load(path)["rows"]
+    assert all(r["suite"] == Suite.TAGGER.value and r["status"] == "ok" for r in rows)
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["label"] for r in train] == ["dense", "meprop", "mesimp"] and [r["k"] for r in train] == [None, 1, 1]
+    for r in train:
+        assert r["sentences"] == 48 and r["tokens"] > 48 and r["epochs"] == 2 and r["repeats"] == 2
+        assert r["bidirectional"] and r["char_filters"] > 0 and r["hidden"] == 48
+        assert set(r["phases_s"]) == {"forward", "backward", "update"} and all(v > 0 for v in r["phases_s"].values())
+        assert r["run_s"] == pytest.approx(2 * r["median_s"]) and r["tokens_per_s"] == pytest.approx(
+            r["tokens"] / r["median_s"])
+        assert 0 <= r["test_acc"] <= 100
+    assert train[0]["speedup"] == train[0]["backward_speedup"] == 1.0
+    assert train[1]["backward_speedup"] == pytest.approx(train[0]["phases_s"]["backward"]
+                                                         / train[1]["phases_s"]["backward"])
+    assert train[0]["sizes"][1:-1] == train[1]["sizes"][1:-1] == [48, 48], "only meSimp prunes"
+    assert sum(train[2]["sizes"][1:-1]) < 96, "meSimp removed LSTM units"
+    tagged = [r for r in rows if r["kind"] == "tag"]
+    assert [r["provider"] for r in tagged] == [Provider.DENSE.value, Provider.SIMPLIFIED.value]
+    dense, simplified = tagged
+    assert dense["hidden"] == [48, 48] and simplified["hidden"] == train[2]["sizes_at_best_dev"][1:-1]
+    assert simplified["parameters"] < dense["parameters"]
+    for r in tagged:
+        assert r["sentences"] == 12 and r["repeats"] == 2 and r["tokens_per_s"] == pytest.approx(
+            r["tokens"] / r["median_s"])
+        assert r["check_passed"], r  # the timed model is the one the trainer scored (same dev accuracy)
+    assert simplified["speedup"] == pytest.approx(dense["median_s"] / simplified["median_s"])
+    assert any(n.startswith("tagger suite: all training sentences") for n in doc["header"]["notes"])
+    text = render(load(path))
+    assert "## POS tagging: BiLSTM tagger on tb" in text and "### Tagging: tokens per second" in text
+    assert "| dense tagger | 48-48 |" in text and "| meprop | 1 |" in text
+
+
+def test_bench_tagger_suite_without_a_treebank_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mesimp_gpu.bench.parse import UD_ENV
+    from mesimp_gpu.bench.report import render
+    from mesimp_gpu.bench.runner import run_bench
+
+    monkeypatch.delenv(UD_ENV, raising=False)
+    _, doc = run_bench(bench_config(tmp_path, str(tmp_path / "nowhere")), log=lambda line: None)
+    [row] = doc["rows"]
+    assert row["status"] == "skipped" and "nowhere" in row["reason"] and "--ud-dir" in row["reason"]
+    assert "## POS tagging\n\nSkipped: no usable treebank" in render(doc)

@@ -53,7 +53,16 @@ def bench_command(
                                                f"Default: {_BENCH.parse_hidden}."),
     parse_decode_repeats: Optional[int] = typer.Option(None, help="Parse suite: timed passes over dev per parser. "
                                                        f"Default: {_BENCH.parse_decode_repeats}."),
-    ud_dir: Optional[Path] = typer.Option(None, help="Parse suite treebank: a folder with *train/*dev/*test.conllu"
+    tagger_limit: Optional[int] = typer.Option(None, help="Tagger suite: first N training sentences only (dev and "
+                                               "test: max(N // 10, 100)). Default: all."),
+    tagger_epochs: Optional[int] = typer.Option(None, help=f"Tagger suite epochs. Default: {_BENCH.tagger_epochs}."),
+    tagger_k: Optional[int] = typer.Option(None, help="Tagger suite k per gate of meProp and meSimp. "
+                                           f"Default: {_BENCH.tagger_k}."),
+    tagger_hidden: Optional[int] = typer.Option(None, help="Tagger suite LSTM units per direction. "
+                                                f"Default: {_BENCH.tagger_hidden}."),
+    tagger_decode_repeats: Optional[int] = typer.Option(None, help="Tagger suite: timed passes over dev per tagger. "
+                                                        f"Default: {_BENCH.tagger_decode_repeats}."),
+    ud_dir: Optional[Path] = typer.Option(None, help="Parse and tagger suite treebank: a folder with *train/*dev/*test.conllu"
                                           "[.gz] (default: $MESIMP_UD_DIR; without one the suite is skipped). On all "
                                           "of UD English EWT the suite takes about 15-20 minutes on a 2-core CPU."),
     out_dir: Optional[Path] = typer.Option(None, help=f"Folder for the results file and plots. Default: {_BENCH.out_dir}."),
@@ -85,6 +94,8 @@ def bench_command(
             train_optimizer=train_optimizer, data_dir=str(data_dir) if data_dir else None,
             parse_limit=parse_limit, parse_epochs=parse_epochs, parse_k=parse_k, parse_hidden=parse_hidden,
             parse_decode_repeats=parse_decode_repeats, ud_dir=str(ud_dir) if ud_dir else None,
+            tagger_limit=tagger_limit, tagger_epochs=tagger_epochs, tagger_k=tagger_k, tagger_hidden=tagger_hidden,
+            tagger_decode_repeats=tagger_decode_repeats,
             out_dir=str(out_dir) if out_dir else None, seed=seed, dist_processes=dist_processes,
             dist_steps=dist_steps, dist_batch=dist_batch,
         )

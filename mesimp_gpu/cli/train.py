@@ -175,10 +175,10 @@ def train_pos_command(
     preset: Optional[PosPreset] = typer.Option(None, help="paper: the meProp paper's tagger (one left-to-right LSTM "
                                                "of 500, k 5 per gate, word embedding 50 and 7 shape features of 20, "
                                                "no character model, no dropout, Adam 0.001; batches of 16). "
-                                               "competitive: a bidirectional LSTM of 256 per direction over words "
+                                               "competitive: a bidirectional LSTM of 200 per direction over words "
                                                "(100), shape features and a character CNN (64 filters), dropout "
-                                               "0.33, Adam 0.002 decayed by 0.9 per epoch, 10 epochs, 2 dev "
-                                               "evaluations per epoch. --method and --k stay yours; options given "
+                                               "0.33, batches of 32, Adam 0.002 decayed by 0.9 per epoch, 8 epochs, "
+                                               "2 dev evaluations per epoch. --method and --k stay yours; options given "
                                                "explicitly override the preset."),
     method: Method = typer.Option(_pos_default("method"), help="dense: full back propagation; meprop: per-example "
                                   "top-k of the LSTM gate gradient (the paper); unified: one top-k set per step and "
@@ -243,7 +243,7 @@ def train_pos_command(
     """Train the POS tagger (meProp LSTM) on a CoNLL-U treebank; prints the test accuracy at the best dev score.
 
     Default: the paper's left-to-right LSTM of 500 with meProp k 5 per gate, 2 epochs. --preset competitive: a
-    bidirectional tagger with a character CNN and dropout, 10 epochs (about 1-2 minutes per epoch on one CPU thread
+    bidirectional tagger with a character CNN and dropout, 8 epochs (about 1-2 minutes per epoch on one CPU thread
     on UD English EWT). The best model (at the best dev score) is saved as model.json/model.pt for `mesimp-gpu tag`
     and `mesimp-gpu evaluate`.
     """

@@ -138,8 +138,8 @@ PRESETS: dict[Preset, dict[str, Any]] = {
         char_filters=0, dropout=0.0, batch_size=16, optimizer=OptimizerName.ADAM, lr=1e-3, lr_decay=1.0,
     ),
     Preset.COMPETITIVE: dict(
-        hidden=256, bidirectional=True, word_dim=100, feature_dim=20, char_dim=30, char_filters=64, dropout=0.33,
-        batch_size=16, optimizer=OptimizerName.ADAM, lr=2e-3, lr_decay=0.9, clip=5.0, epochs=10, chunks=2,
+        hidden=200, bidirectional=True, word_dim=100, feature_dim=20, char_dim=30, char_filters=64, dropout=0.33,
+        batch_size=32, optimizer=OptimizerName.ADAM, lr=2e-3, lr_decay=0.9, clip=5.0, epochs=8, chunks=2,
     ),
 }
 
