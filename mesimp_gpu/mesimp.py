@@ -64,9 +64,9 @@ class MomentReset(str, enum.Enum):
 
     CYCLE = "cycle"  # once, after the last chunk of each cycle (the paper)
     LAST_EPOCH = "last-epoch"  # after every chunk of each cycle's last epoch (what the C# loop does)
-    # as last-epoch, but only where a prune step of the run is still to come: the bursts of large Adam
-    # steps after a reset silence neurons that the next prune steps remove; after the run's last prune
-    # step they would only damage the network that the run ends with
+    # as last-epoch, but only where a later cycle of the run still prunes: the bursts of large Adam steps
+    # after a reset silence neurons that the following prune steps remove; in the last pruning cycle and
+    # after it they cost the network the run ends with more accuracy than they save neurons
     BEFORE_PRUNING = "before-pruning"
     NONE = "none"  # never
 
@@ -190,9 +190,10 @@ class MesimpSchedule:
         if not ends_cycle(epoch, self.cycle):
             return False
         if self.reset_moments is MomentReset.BEFORE_PRUNING:
-            # this epoch prunes itself, or the next one does (cycles alternate), within the run
-            return prunes_in(epoch, self.cycle) or (
-                (self.epochs is None or epoch + 1 < self.epochs) and prunes_in(epoch + 1, self.cycle))
+            # epoch + 1 starts the next cycle; a pruning cycle follows within the run (the one after the next
+            # prunes when the next does not, so an unbounded run always has one)
+            following = range(epoch + 1, epoch + 1 + 2 * self.cycle if self.epochs is None else self.epochs)
+            return any(prunes_in(e, self.cycle) for e in following)
         return self.reset_moments is MomentReset.LAST_EPOCH or (self.reset_moments is MomentReset.CYCLE and last_piece)
 
     def after_piece(

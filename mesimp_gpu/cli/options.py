@@ -32,8 +32,8 @@ def cycle_option(default: int) -> Any:
 def reset_moments_option(default: Any) -> Any:
     return typer.Option(default, help="meSimp: when Adam's moments (not its step count) are zeroed: cycle: once "
                         "at each cycle boundary (the paper); last-epoch: after every piece of a cycle's last epoch "
-                        "(the C# code); before-pruning: as last-epoch, but only where a prune step of the run is "
-                        "still to come; none.")
+                        "(the C# code); before-pruning: as last-epoch, but only where a later cycle of the run still "
+                        "prunes; none.")
 
 
 def nonzero_hits_option(default: bool) -> Any:
