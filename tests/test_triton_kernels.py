@@ -409,7 +409,7 @@ def test_backend_rejects_non_finite(triton_backend, payload: float) -> None:
 
 
 class _InFlight:
-    """A CUDA event stand-in whose copy has not arrived until ``arrive``: the asynchronous case on CPU."""
+    """A CUDA event stand-in whose copy has not arrived until :meth:`arrive`: the asynchronous case on CPU."""
 
     def __init__(self) -> None:
         self.arrived = False
@@ -420,8 +420,13 @@ class _InFlight:
     def query(self) -> bool:
         return self.arrived
 
-    def synchronize(self) -> None:
+    def arrive(self) -> None:
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()  # the real copy behind the stand-in
         self.arrived = True
+
+    def synchronize(self) -> None:
+        self.arrive()
 
 
 def test_backend_reports_non_finite_without_waiting(triton_backend, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -435,7 +440,7 @@ def test_backend_reports_non_finite_without_waiting(triton_backend, monkeypatch:
     good = gradient(3, 10, "random", device=DEVICE)
     triton_backend.topk_indices(bad, 2)  # in flight: no error yet, and no wait
     triton_backend.topk_indices(good, 2)
-    event.arrived = True
+    event.arrive()
     with pytest.raises(InvalidGradientError, match="non-finite"):
         triton_backend.topk_indices(good, 2)  # the earlier NaN, reported by the next call
     triton_backend.topk_indices(good, 2)  # cleared
