@@ -67,6 +67,7 @@ class Spec:
     k: int
     batch: int
     steps: int
+    backend: str = "auto"  # meProp kernels
 
     @property
     def provider(self) -> Provider:
@@ -82,7 +83,7 @@ def measure(spec: Spec, images: Tensor, labels: Tensor, device: torch.device) ->
     procs = join_run(device, timeout_s=300.0)  # a single process unless launched
     dp = DataParallel(procs, DistributedOptions(comm=spec.comm), device)
     torch.manual_seed(0)
-    model = MLP(MODELS[spec.model], MePropConfig(spec.mode, spec.k, "auto")).to(device)
+    model = MLP(MODELS[spec.model], MePropConfig(spec.mode, spec.k, spec.backend)).to(device)
     net = dp.wrap(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")

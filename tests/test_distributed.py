@@ -21,7 +21,7 @@ from mesimp_gpu.bench import distributed as bench
 from mesimp_gpu.bench.distributed import Spec
 from mesimp_gpu.data.mnist import Mnist, Split
 from mesimp_gpu.meprop import MePropMode
-from mesimp_gpu.train.distributed import Comm, DistributedOptions, Processes, configure, launch
+from mesimp_gpu.train.distributed import Comm, DistributedOptions, Processes, check_lazy, configure, launch
 from mesimp_gpu.train.mnist import MnistConfig, train_mnist
 from mesimp_gpu.train.settings import Method
 
@@ -82,9 +82,9 @@ CASES = [(Method.DENSE, "dense"), (Method.MEPROP, "dense"), (Method.UNIFIED, "de
 
 
 #: the bench suite's configurations measured by two processes (dense, row hook, shared unified set)
-BENCH_SPECS = [Spec("mnist-mlp", MePropMode.DENSE, Comm.DENSE, 20, 100, 2),
-               Spec("mnist-mlp", MePropMode.TOPK, Comm.ROWS, 20, 100, 2),
-               Spec("mnist-mlp", MePropMode.UNIFIED, Comm.ROWS, 20, 100, 2)]
+BENCH_SPECS = [Spec("mnist-mlp", MePropMode.DENSE, Comm.DENSE, 20, 100, 2, "torch"),
+               Spec("mnist-mlp", MePropMode.TOPK, Comm.ROWS, 20, 100, 2, "torch"),
+               Spec("mnist-mlp", MePropMode.UNIFIED, Comm.ROWS, 20, 100, 2, "torch")]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("distributed")
     for method in dict(CASES):
         run_and_save(tiny_config(root / f"one-{method.value}", method), "dense")
+    run_and_save(tiny_config(root / "one-meprop-lazy", Method.MEPROP, lazy=True, batch_size=4), "dense")
     runs = [(tiny_config(root / f"two-{m.value}-{c}", m), c, False) for m, c in CASES]
+    runs.append((tiny_config(root / "two-meprop-lazy", Method.MEPROP, lazy=True, batch_size=4), "rows",
+                 False))
     stopped = root / "two-mesimp-resumed"  # stopped after its first epoch, then resumed
     runs += [(tiny_config(stopped, Method.MESIMP, epochs=1), "rows", False),
              (tiny_config(stopped, Method.MESIMP), "rows", True)]
@@ -221,3 +224,19 @@ def test_bench_counts_the_bytes_each_communication_sends(runs: Path) -> None:
     others = 4 * (500 + 500 + 500 * 10 + 10)
     for sent in rows["bytes"]:
         assert 1000 + others + 4 * 20 * (784 + 500) <= sent <= 1000 + full
+
+
+def test_lazy_optimizer_updates_the_rows_every_process_touched(runs: Path) -> None:
+    single, main, other = (saved(runs / "one-meprop-lazy"), saved(runs / "two-meprop-lazy"),
+                           saved(runs / "two-meprop-lazy", 1))
+    for s1, s2, s3 in zip(single["states"], main["states"], other["states"]):
+        assert_close_models(s1, s2)
+        for name in s2:
+            assert torch.equal(s2[name], s3[name]), name
+
+
+def test_lazy_optimizer_needs_the_row_hook() -> None:
+    with pytest.raises(ValueError, match="--lazy over several processes needs --comm rows"):
+        check_lazy(True, 2, Comm.DENSE)
+    check_lazy(True, 2, Comm.ROWS)
+    check_lazy(True, 1, Comm.DENSE)

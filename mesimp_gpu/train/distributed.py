@@ -53,8 +53,12 @@ from mesimp_gpu import touched_rows
 from mesimp_gpu.backends.base import set_column_score_reducer
 from mesimp_gpu.lstm import MePropLSTM
 from mesimp_gpu.meprop import MePropLinear, MePropMode
+from mesimp_gpu.train.settings import seed_everything
 
 T = TypeVar("T")
+
+#: process ``r`` of a run seeds its generators with ``seed + r * PROCESS_SEED_STRIDE``
+PROCESS_SEED_STRIDE = 1_000_003
 
 #: environment variables torchrun (and :func:`launch`) set in every process
 RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -165,6 +169,14 @@ def peer_failures(procs: Processes, timeout_s: float) -> Iterator[None]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeerFailure(f"process {procs.rank} of {procs.world}: another process of the run stopped or did not "
                           f"answer within {timeout_s:g} s ({first[:200]}); this process stops too") from None
+
+
+def check_lazy(lazy: bool, world: int, comm: Comm) -> None:
+    """A lazy optimizer updates the rows it was told of: over several processes only the row hook tells it the
+    rows every process touched."""
+    if lazy and world > 1 and comm is not Comm.ROWS:
+        raise ValueError("--lazy over several processes needs --comm rows (which tells the optimizer the rows "
+                         "touched on every process); with --comm dense leave out --lazy")
 
 
 def record_modules(model: nn.Module) -> list[nn.Module]:
@@ -309,11 +321,8 @@ class DataParallel:
         return peer_failures(self.procs, self.options.timeout_s)
 
     def check_lazy(self, lazy: bool) -> None:
-        """A lazy optimizer updates the rows it was told of: over several processes only the row hook tells it the
-        rows every process touched."""
-        if lazy and self.world > 1 and self.options.comm is not Comm.ROWS:
-            raise ValueError("--lazy over several processes needs --comm rows (which tells the optimizer the rows "
-                             "touched on every process); with --comm dense leave out --lazy")
+        """Refuse a lazy optimizer the row hook does not serve (see :func:`check_lazy`)."""
+        check_lazy(lazy, self.world, self.options.comm)
 
     def backward(self, loss: Tensor) -> None:
         """``loss.backward()``, with the local loss weighted for DDP's average (see :meth:`shard`)."""
@@ -354,6 +363,13 @@ class DataParallel:
             self.row_params = row_parameters(model)
             ddp.register_comm_hook(RowHookState(dist.group.WORLD, self.row_params, self.stats), row_hook)
         return ddp
+
+    def seed_process(self, seed: int) -> None:
+        """Give every process but 0 random generators of its own, once the model is built (DDP makes the
+        parameters process 0's): dropout, word dropout and random columns then draw independently for each
+        process's examples instead of repeating process 0's draws. Shuffling has generators of its own."""
+        if self.procs.rank > 0:
+            seed_everything(seed + PROCESS_SEED_STRIDE * self.procs.rank)
 
     def reduce_column_scores(self, scores: Tensor) -> Tensor:
         """Unified meProp's column scores ``[out]`` summed over the processes (every one then keeps the same columns)."""

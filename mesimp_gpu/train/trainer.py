@@ -81,6 +81,7 @@ class Trainer:
         self.model = self.build_model(None)
         self.optimizer = self.new_optimizer()
         self.net = self.dist.wrap(self.model)  # forward passes of training go through it (DDP under several processes)
+        self.dist.seed_process(self.config.seed)
         self.timer = PhaseTimer(self.device)
         self.best = BestTracker()
         self.history: list[dict[str, Any]] = []
