@@ -130,6 +130,35 @@ def test_random_shapes_match_reference(seed: int, draw: int) -> None:
     assert_close_to_reference(column_scores(g), g.cpu().double().abs().sum(dim=0), F32, terms=rows, msg=msg)
 
 
+def magnitude_bits(g: Tensor) -> Tensor:
+    """``|g|`` as float32 bit patterns (``[B, n]`` int64): how the kernels rank, NaN and inf included."""
+    return (g.float().view(torch.int32) & 0x7FFFFFFF).long()
+
+
+@pytest.mark.parametrize(("block_n", "chunk"), [(None, None), (16, None), (None, 8)])
+@pytest.mark.parametrize("payload", [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800000])
+def test_topk_select_non_finite_rows_write_every_slot(
+    seed: int, payload: int, block_n: int | None, chunk: int | None
+) -> None:
+    """Rows with at least ``k`` NaNs or infs (0x7FFFFFFF is what 0/0 gives on CUDA) still get ``k`` valid
+    indices, ranked by their magnitude bits (the threshold ``0x7FFFFFFF`` must not wrap in int32), and
+    the device flag reports them; a finite gradient leaves the flag clear."""
+    rows, cols, k = 4, 37, 5
+    g = gradient(rows, cols, "random")
+    special = torch.tensor(payload - (1 << 32) if payload >= 1 << 31 else payload, dtype=torch.int32).view(F32)
+    g[0, 3:3 + k] = special  # exactly k
+    g[1, ::2] = special  # more than k
+    g[2, 7] = special  # fewer than k
+    g = g.to(DEVICE)
+    out = (poisoned((rows, k), g.dtype), poisoned((rows, k), torch.int64))
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    vals, idx = topk_select(g, k, flag=flag, block_n=block_n, chunk=chunk, out=out)
+    expected = REF.topk_indices(magnitude_bits(g.cpu()).double(), k)  # bits below 2^31: exact in float64
+    assert torch.equal(idx.cpu(), expected)
+    assert torch.equal(vals.cpu().view(torch.int32), g.cpu().gather(1, expected).view(torch.int32))
+    assert int(flag) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_topk_select_half_precision(seed: int, dtype: torch.dtype) -> None:
     g = gradient(6, 45, "random", dtype, device=DEVICE)
