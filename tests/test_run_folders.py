@@ -28,6 +28,7 @@ def quick_mnist(mnist_dir: Path, *extra: str) -> list[str]:
 
 def test_runs_without_out_get_folders_of_their_own(tmp_path: Path, mnist_dir: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    mnist_dir = mnist_dir.resolve()  # it may be relative to where the tests started
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
         result = runner.invoke(app, quick_mnist(mnist_dir, "--epochs", "1"))
