@@ -19,7 +19,7 @@ Precision. Under ``torch.autocast`` the layer computes as ``nn.Linear`` does the
 that dtype, and the backward pass selects on the gradient in that dtype and multiplies ``x`` and ``W``
 cast to it; ``dx`` then takes the input's dtype and ``dW``, ``db`` the parameters' (what autograd's casts
 give a dense layer). Parameters stored in float16 or bfloat16 compute in their own dtype. Every backend
-takes all three floating dtypes (half precision products accumulate in float32 inside the kernels).
+takes float32, float16 and bfloat16 (the kernels accumulate half-precision products in float32).
 
 Compilation. The forward and backward pass are also the custom operators ``torch.ops.mesimp.linear``
 and ``torch.ops.mesimp.linear_backward`` (:data:`linear_op`, with fake implementations and autograd),

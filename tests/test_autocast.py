@@ -105,7 +105,7 @@ def test_linear_under_autocast_computes_as_the_dense_layer(backend, mode, device
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mode", [MePropMode.TOPK, MePropMode.UNIFIED])
+@pytest.mark.parametrize("mode", list(MePropMode))
 @pytest.mark.parametrize(("device", "dtype"), HALF_PARAMETERS)
 def test_linear_with_half_parameters(backend, mode, device, dtype, seed) -> None:
     backend_or_skip(backend, device)
@@ -211,6 +211,7 @@ def test_dense_lstm_under_autocast_matches_autograd_under_autocast(device, compu
 @pytest.mark.parametrize(("device", "compute", "autocast"), [
     ("cpu", torch.bfloat16, True),
     ("cpu", torch.bfloat16, False),
+    ("cpu", torch.float16, False),
     pytest.param("cuda", torch.float16, True, marks=GPU),
     pytest.param("cuda", torch.bfloat16, True, marks=GPU),
     pytest.param("cuda", torch.float16, False, marks=GPU),
