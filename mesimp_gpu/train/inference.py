@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mesimp_gpu.backends import get_backend
 from mesimp_gpu.data.conllu import Sentence, TaggingVocab, TagSet, make_batch, read_conllu, rewrite_conllu
 from mesimp_gpu.models.parser import Parser, load_parser
 from mesimp_gpu.models.tagger import Tagger, load_tagger
@@ -58,6 +59,8 @@ class LoadedTagger:
         self.model: Tagger
         self.model, vocab_state = load_tagger(model_path, self.device)
         self.vocab = TaggingVocab.from_state_dict(vocab_state)
+        # import (or build) the LSTM's backend now: a first use inside a timed pass would count its import
+        get_backend(self.model.lstm.config.backend, self.device)
 
     @torch.no_grad()
     def tag(self, sentences: list[Sentence], batch_size: int = TAG_BATCH) -> list[tuple[str, ...]]:
