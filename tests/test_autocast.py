@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from mesimp_gpu import touched_rows
 from mesimp_gpu.backends import REGISTRY, BackendUnavailable, load_backend
 from mesimp_gpu.backends.reference import topk_mask
 from mesimp_gpu.lstm import GateSelection, MePropLSTM
@@ -135,6 +136,17 @@ def test_autocast_input_of_another_dtype_gets_its_own_dtype_back(seed) -> None:
         y = layer(x)
     y.float().square().sum().backward()
     assert (x.grad.dtype, layer.weight.grad.dtype, layer.bias.grad.dtype) == (torch.bfloat16,) + (torch.float32,) * 2
+
+
+def test_touched_rows_reach_the_parameter_under_autocast(seed) -> None:
+    """The lazy optimizers' records are kept on the float32 Parameter, not on autocast's copy of it."""
+    layer = MePropLinear(7, 10, MePropConfig(MePropMode.TOPK, 2, "torch"))
+    touched_rows.arm(layer.weight)
+    g = gradient(3, 10, "halves", dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(3, 7))
+    y.backward(g)
+    assert touched_rows.take(layer.weight).tolist() == topk_mask(g, 2).any(dim=0).nonzero().flatten().tolist()
 
 
 def test_backward_inside_the_autocast_region(seed) -> None:
