@@ -9,11 +9,18 @@ the package::
 
     pip install numba
     python -m mesimp_gpu.bench.tools [--threads N]
+
+``--profile-only`` leaves Numba out and profiles the kernel's parts at each ``--cpu-arch`` level side by
+side (the cpu backend built for that level, ``cpu@<level>``)::
+
+    python -m mesimp_gpu.bench.tools --profile-only --threads 2 --cpu-arch x86-64-v3 --cpu-arch x86-64-v4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,14 +29,15 @@ import numpy as np
 import torch
 
 from mesimp_gpu.backends import load_backend
+from mesimp_gpu.backends.cpu import ARCH_LEVELS
 from mesimp_gpu.bench.common import relative_error
 from mesimp_gpu.bench.config import BenchConfig
 from mesimp_gpu.bench.timing import CpuClock, measure
 from mesimp_gpu.io import write_json
 from mesimp_gpu.machine import describe
 
-#: (batch, width, k) of the comparison: the MNIST hidden layer and the issue's wide layer
-SHAPES = [(100, 500, 20), (100, 4096, 128)]
+#: (batch, width, k) of the comparison: the MNIST hidden layer and the wide layer at a small and a large k
+SHAPES = [(100, 500, 20), (100, 4096, 20), (100, 4096, 128)]
 
 
 def numba_kernels() -> Any:
@@ -106,13 +114,15 @@ def numba_topk_backward(kernel: Any, g: torch.Tensor, x: torch.Tensor, w: torch.
     return tuple(torch.from_numpy(a) for a in kernel(g.numpy(), x.numpy(), w.numpy(), k))
 
 
-def profile(batch: int, width: int, k: int, repeats: int = 15) -> dict[str, dict[str, float]]:
-    """Median seconds of the cpu kernel's parts at one shape, with warm caches and after evicting them.
+def profile(batch: int, width: int, k: int, repeats: int = 15, backend: str = "cpu") -> dict[str, dict[str, float]]:
+    """Median seconds of the cpu kernel's parts at one shape (``backend``: ``cpu`` or ``cpu@<level>``), with
+    warm caches and after evicting them, and the process's CPU seconds per call with warm caches (all
+    threads together: on a busy machine the wall time also holds the waits for descheduled workers).
 
     ``cold`` writes 256 MiB before every call, as a training step does between two backward passes
     of a layer (the other layers and the optimizer run in between).
     """
-    ops = load_backend("cpu").ops
+    ops = load_backend(backend).ops
     g, x, w = torch.randn(batch, width), torch.randn(batch, width), torch.randn(width, width)
     idx, _ = ops.topk_indices(g, k)
     evict = torch.empty(64 * 2**20)
@@ -125,17 +135,35 @@ def profile(batch: int, width: int, k: int, repeats: int = 15) -> dict[str, dict
         "dense_dw_gemm": lambda: g.t().mm(x),
         "read_w_once": lambda: w.sum(),
     }
-    out: dict[str, dict[str, float]] = {"warm": {}, "cold": {}}
-    for state, table in out.items():
-        for name, fn in parts.items():
-            fn()
-            samples = []
+    out: dict[str, dict[str, float]] = {"warm": {}, "cold": {}, "warm_cpu": {}}
+    for name, fn in parts.items():
+        fn()
+        for state in ("warm", "cold"):
+            samples, cpu = [], []
             for _ in range(repeats):
                 if state == "cold":
                     evict.fill_(1.0)
+                start_cpu = time.process_time()
                 samples.append(CpuClock().per_call(fn, 1))
-            table[name] = float(np.median(samples))
+                cpu.append(time.process_time() - start_cpu)
+            out[state][name] = float(np.median(samples))
+            if state == "warm":
+                out["warm_cpu"][name] = float(np.median(cpu))
     return out
+
+
+def profile_levels(threads: int, levels: list[str], out_dir: Path) -> Path:
+    """The kernel's parts at every shape of :data:`SHAPES` and every level, side by side; returns the results file."""
+    torch.set_num_threads(threads)
+    backends = {level: load_backend(f"cpu@{level}") for level in levels}
+    rows = [{"batch": batch, "width": width, "k": k, "level": level, "simd": backend.ops.simd_info(),
+             "profile_cpp_s": profile(batch, width, k, backend=backend.name)}
+            for batch, width, k in SHAPES for level, backend in backends.items()]
+    created = datetime.now(timezone.utc)
+    path = out_dir / f"cpu-profile-{created:%Y%m%d-%H%M%S}.json"
+    write_json(path, {"created": created.isoformat(timespec="seconds"), "threads": threads,
+                      "load_average": [round(v, 2) for v in os.getloadavg()], "machine": describe(), "rows": rows})
+    return path
 
 
 def compare(threads: int, out_dir: Path) -> Path:
@@ -170,8 +198,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for both")
     parser.add_argument("--out-dir", type=Path, default=Path("bench/results"), help="folder for the results file")
+    parser.add_argument("--profile-only", action="store_true", help="only the kernel's parts, at each --cpu-arch")
+    parser.add_argument("--cpu-arch", action="append", choices=list(ARCH_LEVELS), help="level to profile (repeatable; "
+                        "default: native)")
     args = parser.parse_args()
-    path = compare(args.threads, args.out_dir)
+    if args.profile_only:
+        path = profile_levels(args.threads, args.cpu_arch or ["native"], args.out_dir)
+    else:
+        path = compare(args.threads, args.out_dir)
     print(path.read_text())
 
 
