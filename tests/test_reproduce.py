@@ -36,6 +36,19 @@ def test_quick_mnist_through_the_cli_then_reused(tmp_path: Path, mnist_dir: Path
     assert reused["wall_seconds"] == mesimp["wall_seconds"], "a finished run is reused, not trained again"
 
 
+def test_quick_pos_and_parse_through_the_cli(tmp_path: Path, ud_dir: Path) -> None:
+    args = ["reproduce", "--quick", "--task", "pos", "--task", "parse", "--limit", "40", "--treebank-dir",
+            str(ud_dir), "--out", str(tmp_path), "--threads", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| p")]
+    assert [row.split(" ")[1] for row in rows] == ["pos", "parse"]
+    for task in ("pos", "parse"):
+        mesimp = json.loads((tmp_path / f"{task}-mesimp" / "results.json").read_text())
+        assert mesimp["finished"] and "same_size" in mesimp and mesimp["config"]["limit"] == 40
+        assert mesimp["final"]["test_acc_final_network"] is not None
+
+
 def test_a_folder_with_other_settings_is_refused(tmp_path: Path, mnist_dir: Path) -> None:
     args = ["reproduce", "--quick", "--task", "mnist", "--data-dir", str(mnist_dir), "--out", str(tmp_path)]
     (tmp_path / "mnist-dense").mkdir(parents=True)
