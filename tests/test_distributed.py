@@ -2,7 +2,7 @@
 
 Tolerance: after the same update steps, N=2 and N=1 differ only in the order of the gradient sums (each process
 sums its half of the batch, then the two halves are added); float32 parameters agree within atol = rtol = 1e-5
-(the float32 entry of tests/reference.py), the selections and meSimp's kept neurons exactly. Every process of a
+(the float32 entry of the tolerance table), the selections and meSimp's kept neurons exactly. Every process of a
 run must hold bit-identical parameters. Each communication hook must give the same model as DDP's dense
 all-reduce, within the same tolerance (it adds the same rows in the same order; only the packing differs).
 """
@@ -24,9 +24,10 @@ from mesimp_gpu.meprop import MePropMode
 from mesimp_gpu.train.distributed import Comm, DistributedOptions, Processes, check_lazy, configure, launch
 from mesimp_gpu.train.mnist import MnistConfig, train_mnist
 from mesimp_gpu.train.settings import Method
+from reference import tolerance
 
-#: float32 sums in another order (the float32 entry of tests/reference.py's table)
-ATOL, RTOL = 1e-5, 1e-5
+#: float32 sums in another order (the float32 entry of the one tolerance table)
+ATOL, RTOL = tolerance(torch.float32)
 
 
 def tiny_data(seed: int = 0) -> Mnist:
