@@ -76,6 +76,7 @@ class BenchConfig:
     widths: tuple[int, ...] = (500, 2048, 4096, 8192)  # layer and topk suites: layer width n (in = out = n)
     ks: tuple[int, ...] = (5, 20, 128, 160)  # kept entries per example; values >= n are left out
     cpu_archs: tuple[str, ...] = ()  # cpu backend levels side by side (cpu@LEVEL); (): the MESIMP_CPU_ARCH one
+    cpu_clock: str = "wall"  # CPU timing: wall, or process (CPU seconds of all threads: for a busy machine)
     k_fraction: float = 1 / 16  # also k = round(n * k_fraction) per width; 0 disables
     cpu_max_gflop: float = 100.0  # on CPU, skip layer shapes whose dense forward+backward exceeds this
     memory_limit_gib: float = 4.0  # skip a provider whose temporaries would exceed this (e.g. W[idx] gathers)
@@ -124,6 +125,8 @@ class BenchConfig:
             raise ValueError(f"need 1 <= --min-repeats <= --max-repeats, got {self.min_repeats}, {self.max_repeats}")
         if self.warmup < 0 or self.budget_s <= 0 or self.min_sample_s <= 0:
             raise ValueError("--warmup must be >= 0 and --budget-s, --min-sample-s positive")
+        if self.cpu_clock not in ("wall", "process"):
+            raise ValueError(f"--cpu-clock must be wall or process, got {self.cpu_clock!r}")
         unknown_levels = [a for a in self.cpu_archs if a not in ARCH_LEVELS]
         if unknown_levels:
             raise ValueError(f"--cpu-arch {unknown_levels[0]!r} is not a level; choose from: {', '.join(ARCH_LEVELS)}")

@@ -121,6 +121,9 @@ def notes_for(config: BenchConfig, device: torch.device, treebank: Treebank | st
         notes.append(f"the machine was busy (load average {load:.1f} on {cores} cores): with {config.thread_count} "
                      "threads every parallel region can wait for a descheduled worker, which inflates the times of "
                      "small operations; --threads 1 avoids that")
+    if device.type == "cpu" and config.cpu_clock == "process":
+        notes.append(f"times are CPU seconds of this process (all {config.thread_count} thread(s) together), not wall "
+                     "time: what it computed, without its waits for a core on a shared machine")
     if config.quick:
         notes.append("--quick preset: a reduced grid and few repeats; for a smoke test, not for reporting")
     return notes
@@ -166,7 +169,7 @@ def run_bench(config: BenchConfig, command: str = "mesimp-gpu bench", data: Mnis
             "notes": notes_for(config, device, treebank),
         }
         doc: dict[str, Any] = {"header": header, "rows": [], "finished": False}
-        clock = clock_for(device)
+        clock = clock_for(device, config.cpu_clock)
         if device.type == "cuda":
             log("calibrating the GPU")
             header["calibration"] = calibrate(config, device, clock)

@@ -85,9 +85,26 @@ class CudaClock:
         return start.elapsed_time(end) / 1e3 / inner
 
 
-def clock_for(device: torch.device) -> Clock:
-    """The right clock for ``device``."""
-    return CudaClock(device) if device.type == "cuda" else CpuClock()
+class ProcessClock:
+    """CPU seconds of this process, all threads together (``process_time``), per call. On a machine shared with
+    other work a wall clock also counts the time this process waited for a core (and, with several threads,
+    every parallel region's wait for a descheduled worker); this counts only the time it computed. With one
+    thread it is the wall time of an idle machine; with more it sums the threads (and their spin-waits)."""
+
+    def per_call(self, fn: Callable[[], object], inner: int) -> float:
+        start = time.process_time()
+        for _ in range(inner):
+            fn()
+        return (time.process_time() - start) / inner
+
+
+#: the CPU clocks of ``--cpu-clock``
+CPU_CLOCKS = {"wall": CpuClock, "process": ProcessClock}
+
+
+def clock_for(device: torch.device, cpu_clock: str = "wall") -> Clock:
+    """The right clock for ``device``: CUDA events, or on CPU the ``cpu_clock`` of :data:`CPU_CLOCKS`."""
+    return CudaClock(device) if device.type == "cuda" else CPU_CLOCKS[cpu_clock]()
 
 
 def measure(fns: Sequence[Callable[[], object]], clock: Clock, plan: BenchConfig) -> list[Stats]:

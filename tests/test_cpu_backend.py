@@ -374,3 +374,17 @@ def test_train_suite_runs_each_level_as_its_own_set():
     assert train_backends(BenchConfig(), cpu_device) == [("cpu", "")]
     with pytest.raises(ValueError, match="--cpu-arch 'pentium'"):
         BenchConfig(cpu_archs=("pentium",))
+
+
+def test_process_clock_counts_computing_not_waiting():
+    """--cpu-clock process: a call that sleeps (as a descheduled process waits) costs nothing on it."""
+    import time
+
+    from mesimp_gpu.bench.config import BenchConfig
+    from mesimp_gpu.bench.timing import clock_for
+
+    cpu_device = torch.device("cpu")
+    assert clock_for(cpu_device, "process").per_call(lambda: time.sleep(0.05), 1) < 0.02
+    assert clock_for(cpu_device, "wall").per_call(lambda: time.sleep(0.05), 1) >= 0.05
+    with pytest.raises(ValueError, match="--cpu-clock"):
+        BenchConfig(cpu_clock="tsc")

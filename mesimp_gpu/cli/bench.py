@@ -23,6 +23,8 @@ def bench_command(
     cpu_arch: Optional[list[str]] = typer.Option(None, help="Instruction-set level of the cpu backend (repeatable: "
                                                  "levels side by side as cpu@LEVEL): native, x86-64-v3, x86-64-v4, "
                                                  "armv8-a. Default: the MESIMP_CPU_ARCH level (native)."),
+    cpu_clock: Optional[str] = typer.Option(None, help="CPU timing: wall (default) or process (CPU seconds of all "
+                                            "threads together: on a machine busy with other work, with --threads 1)."),
     batch: Optional[list[int]] = typer.Option(None, help=f"Batch size (repeatable). Default: {_BENCH.batches}."),
     width: Optional[list[int]] = typer.Option(None, help=f"Layer width n (repeatable). Default: {_BENCH.widths}."),
     k: Optional[list[int]] = typer.Option(None, help=f"Kept entries k (repeatable). Default: {_BENCH.ks}."),
@@ -87,7 +89,7 @@ def bench_command(
             typer.echo(report_file(report))
             return
         config = make_config(
-            quick, device=device, suites=suite, threads=threads, cpu_archs=cpu_arch, batches=batch, widths=width, ks=k,
+            quick, device=device, suites=suite, threads=threads, cpu_archs=cpu_arch, cpu_clock=cpu_clock, batches=batch, widths=width, ks=k,
             k_fraction=k_fraction, cpu_max_gflop=cpu_max_gflop, memory_limit_gib=memory_limit_gib, warmup=warmup,
             min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, min_sample_s=min_sample_s,
             train_limit=train_limit, train_epochs=train_epochs, train_k=train_k, mesimp_k=mesimp_k,
