@@ -164,12 +164,34 @@ def test_uniform_init_and_dropout() -> None:
 
 
 def test_meprop_pytorch_preset() -> None:
-    from mesimp_gpu.models.mlp import Init
+    from mesimp_gpu.models.mlp import BiasGrad, Init
     from mesimp_gpu.train.mnist import Preset, mnist_config
 
     c = mnist_config(Preset.MEPROP_PYTORCH)
     assert (c.method, c.k, c.sizes, c.batch_size, c.grad_sum, c.clip, c.lr, c.optimizer) == \
         (Method.MEPROP, 30, [784, 512, 512, 10], 32, False, None, 1e-3, OptimizerName.ADAM)
-    assert (c.dropout, c.init, c.epochs, c.chunks) == (0.1, Init.UNIFORM, 20, 1)
+    assert (c.dropout, c.init, c.epochs, c.chunks, c.bias) == (0.1, Init.UNIFORM, 20, 1, BiasGrad.FROZEN)
     with pytest.raises(ValueError, match="--dropout"):
         mnist_config(Preset.MEPROP_PYTORCH, dropout=-0.1)
+
+
+@pytest.mark.parametrize("bias", ["dense", "kept", "frozen"])
+def test_bias_gradient_rules(bias: str) -> None:
+    from mesimp_gpu.meprop import MePropConfig, MePropMode
+    from mesimp_gpu.models.mlp import MLP, BiasGrad
+
+    torch.manual_seed(0)
+    model = MLP([6, 8, 3], MePropConfig(MePropMode.TOPK, 2, "torch"), bias_grad=BiasGrad(bias))
+    x = torch.randn(4, 6)
+    hidden = model.layers[0]
+    captured = {}
+    hidden.register_full_backward_hook(lambda m, gi, go: captured.update(g=go[0]))
+    model(x).sum().backward()
+    g = captured["g"]
+    if bias == "frozen":
+        assert all(layer.bias.grad is None and not layer.bias.requires_grad for layer in model.layers)
+        return
+    kept = torch.zeros_like(g).scatter(1, g.abs().topk(2, dim=1).indices, 1.0)
+    expected = g.sum(0) if bias == "dense" else (g * kept).sum(0)
+    assert torch.allclose(hidden.bias.grad, expected)
+    assert model.layers[1].bias.grad is not None, "the output layer's bias learns"

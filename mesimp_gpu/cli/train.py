@@ -37,7 +37,7 @@ from mesimp_gpu.data.conllu import TagSet
 from mesimp_gpu.lstm import GateSelection, HitCounting
 from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder
 from mesimp_gpu.optim import OptimizerName
-from mesimp_gpu.models.mlp import Init
+from mesimp_gpu.models.mlp import BiasGrad, Init
 from mesimp_gpu.models.parser import Activation
 from mesimp_gpu.train.mnist import MnistConfig, Preset, mnist_config
 from mesimp_gpu.train.parse import ParseConfig
@@ -75,7 +75,7 @@ def train_mnist_command(
                                             "reference: exactly what the authors' C# program does (its hit rule, "
                                             "moment resets and order of evaluation and pruning); meprop-pytorch: "
                                             "the authors' PyTorch meProp script (k 30, batch 32, mean loss, no "
-                                            "clipping, hidden 512, dropout 0.1, uniform init); options given "
+                                            "clipping, hidden 512, dropout 0.1, uniform init, frozen biases); options given "
                                             "explicitly override it."),
     method: Method = typer.Option(_DEFAULT.method, help="mesimp: top-k back propagation plus prune steps that shrink "
                                   "the network; dense: full back propagation; meprop: per-example top-k (the paper); "
@@ -104,6 +104,9 @@ def train_mnist_command(
     init: Init = typer.Option(_DEFAULT.init, help="normal: W ~ N(0, sqrt(6/(fan_in+fan_out))), b = 0 (the C# "
                               "program); uniform: W and b ~ U(-1/sqrt(fan_out), 1/sqrt(fan_out)) (the authors' "
                               "PyTorch script)."),
+    bias: BiasGrad = typer.Option(_DEFAULT.bias, help="What the hidden biases learn from under meProp: dense: "
+                                  "every gradient entry (the C# program); kept: the kept top-k entries only; frozen: "
+                                  "nothing, every bias keeps its initial value (the authors' PyTorch script)."),
     chunks: int = typer.Option(_DEFAULT.chunks, help="Dev evaluations (and meSimp prune steps) per epoch; test is "
                                "scored when dev improves."),
     prune: float = prune_option(_DEFAULT.prune),
@@ -146,7 +149,7 @@ def train_mnist_command(
         settings = dict(
             method=method, k=k, hidden=hidden, layers=layers, hidden_sizes=parse_widths(hidden_sizes), epochs=epochs,
             batch_size=batch_size, optimizer=optimizer, lr=lr, final_lr=final_lr, clip=clip or None, lazy=lazy,
-            grad_sum=grad_sum, dropout=dropout, init=init, chunks=chunks, prune=prune, cycle=cycle,
+            grad_sum=grad_sum, dropout=dropout, init=init, bias=bias, chunks=chunks, prune=prune, cycle=cycle,
             reset_moments=reset_moments, hits=hits, order=order,
             compare_same_size=compare_same_size, seed=seed, device=device, threads=threads, backend=backend,
             data_dir=str(data_dir) if data_dir else None, out=str(out), limit=limit, progress=progress,

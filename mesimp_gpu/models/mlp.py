@@ -19,6 +19,15 @@ from mesimp_gpu.models.saved import load_model, meprop_config, meprop_settings, 
 MLP_FORMAT = "mesimp-gpu/mlp-v1"
 
 
+class BiasGrad(str, enum.Enum):
+    """What the hidden layers' biases learn from under meProp."""
+
+    DENSE = "dense"  # sum_b G[b, :] over every entry (the C# program)
+    KEPT = "kept"  # only the kept top-k entries, as the weights
+    FROZEN = "frozen"  # no gradient, every layer's biases stay at their initial values (what the authors'
+    #                    PyTorch script does: its per-example backward returns no bias gradient)
+
+
 class Init(str, enum.Enum):
     """How the MLP's weights and biases start."""
 
@@ -32,7 +41,8 @@ class MLP(nn.Module):
     Input ``[B, in]`` -> logits ``[B, classes]``. ``meprop_output`` applies ``config`` to the output
     layer too (the papers back-propagate it fully). ``track_hits`` records meSimp hits on hidden layers,
     by the C#'s rule with ``reference_hits`` (:func:`~mesimp_gpu.mesimp.reference_hits`). ``dropout``
-    (a probability) follows every hidden ReLU in training; ``init`` picks the initialisation.
+    (a probability) follows every hidden ReLU in training; ``init`` picks the initialisation and
+    ``bias_grad`` what the biases learn from.
     """
 
     def __init__(
@@ -44,6 +54,7 @@ class MLP(nn.Module):
         reference_hits: bool = False,
         dropout: float = 0.0,
         init: Init = Init.NORMAL,
+        bias_grad: BiasGrad = BiasGrad.DENSE,
     ) -> None:
         super().__init__()
         if len(sizes) < 2 or any(s < 1 for s in sizes):
@@ -51,6 +62,8 @@ class MLP(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         dense = replace(config, mode=MePropMode.DENSE)
+        if BiasGrad(bias_grad) is BiasGrad.KEPT:
+            config = replace(config, sparse_bias=True)
         last = len(sizes) - 2
         self.layers = nn.ModuleList(
             MePropLinear(
@@ -70,6 +83,10 @@ class MLP(nn.Module):
                     layer.weight.uniform_(-bound, bound)
                     if layer.bias is not None:
                         layer.bias.uniform_(-bound, bound)
+        if BiasGrad(bias_grad) is BiasGrad.FROZEN:
+            for layer in self.layers:
+                if layer.bias is not None:
+                    layer.bias.requires_grad_(False)
 
     @property
     def sizes(self) -> list[int]:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mesimp_gpu.data.mnist import Mnist, Split, load_mnist
 from mesimp_gpu.mesimp import HitRule, MomentReset, PruneOrder
 from mesimp_gpu.meprop import MePropConfig
-from mesimp_gpu.models.mlp import MLP, Init, save_mlp
+from mesimp_gpu.models.mlp import MLP, BiasGrad, Init, save_mlp
 from mesimp_gpu.optim import OptimizerName
 from mesimp_gpu.train.records import PHASES, accuracy
 from mesimp_gpu.train.settings import METHOD_MODE, Method, check_run_settings, with_preset
@@ -59,6 +59,7 @@ class MnistConfig:
     grad_sum: bool = True  # sum the loss over the minibatch (reference) instead of averaging
     dropout: float = 0.0  # dropout probability after every hidden ReLU (the authors' PyTorch script: 0.1)
     init: Init = Init.NORMAL  # normal: the C# program's; uniform: the authors' PyTorch script's
+    bias: BiasGrad = BiasGrad.DENSE  # hidden biases learn from every entry, the kept ones, or not at all
     chunks: int = 8  # dev evaluations per epoch ("IterPerEpoch" of the reference)
     prune: float = 0.1  # meSimp: remove neurons with hits < floor(refer * prune), in [0, 1)
     cycle: int = 1  # meSimp: epochs per cycle, prune in even cycles (reference 5); 0: prune always
@@ -123,11 +124,12 @@ PRESETS: dict[Preset, dict[str, Any]] = {
 PRESETS[Preset.REFERENCE] = {**PRESETS[Preset.PAPER], "reset_moments": MomentReset.LAST_EPOCH,
                              "order": PruneOrder.EVALUATE_FIRST, "final_lr": None}
 # src/pytorch of lancopku/meProp: Adam at its defaults, mean loss, no clipping, batch 32, k 30, two hidden
-# layers of 512 with dropout 0.1, uniform initialisation, one dev evaluation per epoch, 20 epochs
+# layers of 512 with dropout 0.1, uniform initialisation, biases that never change (its per-example
+# backward returns no bias gradient), one dev evaluation per epoch, 20 epochs
 PRESETS[Preset.MEPROP_PYTORCH] = dict(
     method=Method.MEPROP, k=30, hidden=512, layers=2, hidden_sizes=None, epochs=20, batch_size=32,
     optimizer=OptimizerName.ADAM, lr=1e-3, clip=None, grad_sum=False, chunks=1, dropout=0.1, init=Init.UNIFORM,
-    final_lr=None,
+    bias=BiasGrad.FROZEN, final_lr=None,
 )
 
 
@@ -169,7 +171,7 @@ class MnistTrainer(Trainer):
         sizes = c.sizes if hidden_sizes is None else [INPUT_SIZE, *hidden_sizes, CLASSES]
         meprop = MePropConfig(METHOD_MODE[c.method], c.k, c.backend, nonzero_hits=c.hits is HitRule.NONZERO)
         return MLP(sizes, meprop, track_hits=c.method is Method.MESIMP, reference_hits=c.hits is HitRule.REFERENCE,
-                   dropout=c.dropout, init=c.init).to(self.device)
+                   dropout=c.dropout, init=c.init, bias_grad=c.bias).to(self.device)
 
     @property
     def sizes(self) -> list[int]:
