@@ -148,7 +148,7 @@ def build_key(arch: str) -> str:
 
     parts = [*(path.read_text() for path in SOURCES), " ".join(CFLAGS + list(ARCH_LEVELS[arch].flags)),
              torch.__version__, str(torch.version.git_version), " ".join(cpp_extension.include_paths()),
-             str(torch._C._GLIBCXX_USE_CXX11_ABI), sys.implementation.cache_tag, platform.machine(),
+             str(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)), sys.implementation.cache_tag, platform.machine(),
              os.environ.get("CXX", "c++")]
     if arch == "native":
         parts.append(" ".join(cpu_flags()))
