@@ -182,7 +182,7 @@ def test_bias_gradient_rules(bias: str) -> None:
 
     torch.manual_seed(0)
     model = MLP([6, 8, 3], MePropConfig(MePropMode.TOPK, 2, "torch"), bias_grad=BiasGrad(bias))
-    x = torch.randn(4, 6)
+    x = torch.randn(4, 6, requires_grad=True)  # so that the module hook sees input gradients too
     hidden = model.layers[0]
     captured = {}
     hidden.register_full_backward_hook(lambda m, gi, go: captured.update(g=go[0]))
