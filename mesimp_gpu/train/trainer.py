@@ -89,6 +89,7 @@ class Trainer:
         self.position = (0, 0)  # (epoch, chunk) of the next piece to train
         self.step = 0
         self.initial_params = self.parameter_count()
+        self._test_scorer: Callable[[], float] | None = None  # the scorer the task last gave record()
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         """The configured optimizer over the current model (lazy or dense, see :func:`build_optimizer`)."""
@@ -164,8 +165,7 @@ class Trainer:
     def score_test(self) -> float | None:
         """The test score of the model as it is now, by the scorer the task last gave :meth:`record` (None
         before the first evaluation); a task may override it."""
-        scorer = getattr(self, "_test_scorer", None)
-        return scorer() if scorer is not None else None
+        return self._test_scorer() if self._test_scorer is not None else None
 
     def end_piece(self, epoch: int, chunk: int, pieces: int) -> None:
         """After a piece's evaluation: close the epoch's timing, move the position on, checkpoint."""
