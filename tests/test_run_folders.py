@@ -3,15 +3,18 @@ Ctrl-C, ordinary file permissions, and one-line messages naming the option at fa
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mesimp_gpu.cli import app
 from mesimp_gpu.io import write_json
+from mesimp_gpu.models.mlp import load_mlp
 from mesimp_gpu.train.mnist import MnistTrainer
 from mesimp_gpu.train.run_folder import clear_run, holds_run, new_run_folder, prepare_run_folder
 from mesimp_gpu.train.trainer import Trainer
@@ -149,3 +152,18 @@ def test_run_folder_rules(tmp_path: Path) -> None:
     assert prepare_run_folder(run, "mnist", resume=True, overwrite=False) == run and holds_run(run)
     clear_run(run)
     assert not any(run.iterdir())
+
+
+def test_a_run_keeps_its_final_network_beside_the_best_dev_one(tmp_path: Path, mnist_dir: Path) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, quick_mnist(mnist_dir, "--out", str(out), "--epochs", "1"))
+    assert result.exit_code == 0, result.output
+    final = json.loads((out / "results.json").read_text())["final"]
+    assert load_mlp(out / "final").sizes == final["sizes"]
+    assert load_mlp(out).sizes == final["sizes_at_best_dev"]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    for name, value in load_mlp(out / "final").state_dict().items():
+        if name in checkpoint:
+            assert torch.equal(value, checkpoint[name]), name
+    scored = runner.invoke(app, ["evaluate", str(out / "final"), "--data-dir", str(mnist_dir)])
+    assert scored.exit_code == 0 and "test accuracy" in scored.output

@@ -127,7 +127,7 @@ def train_mnist_command(
     backend: str = backend_option(_DEFAULT.backend),
     data_dir: Optional[Path] = typer.Option(None, help="Folder with the four MNIST IDX files (raw or .gz). Default: "
                                             "$MESIMP_DATA_DIR, then the cache, then download."),
-    out: Optional[Path] = out_option("mnist", "results.json, checkpoint.pt, model.json/model.pt and the plots"),
+    out: Optional[Path] = out_option("mnist", "results.json, checkpoint.pt, model.json/model.pt (the model at the best dev score; final/ holds the one at the end) and the plots"),
     limit: Optional[int] = limit_option("images"),
     resume: bool = resume_option(),
     nproc: int = nproc_option(),
@@ -163,7 +163,8 @@ def train_mnist_command(
             return
     typer.echo(summary_table(results))
     typer.echo(f"{network_line(results['final'])}{limit_note(limit, 'images')} | "
-               f"results in {out / 'results.json'}, model (at the best dev score) in {out / 'model.json'}")
+               f"results in {out / 'results.json'}, model (at the best dev score) in {out / 'model.json'}, final network "
+               f"in {out / 'final'}")
 
 
 
@@ -234,7 +235,7 @@ def train_pos_command(
     train_file: Optional[Path] = typer.Option(None, help="Training CoNLL-U file (instead of --data-dir)."),
     dev_file: Optional[Path] = typer.Option(None, help="Dev CoNLL-U file (instead of --data-dir)."),
     test_file: Optional[Path] = typer.Option(None, help="Test CoNLL-U file (instead of --data-dir)."),
-    out: Optional[Path] = out_option("pos", "results.json, checkpoint.pt, model.json/model.pt and the plots"),
+    out: Optional[Path] = out_option("pos", "results.json, checkpoint.pt, model.json/model.pt (the model at the best dev score; final/ holds the one at the end) and the plots"),
     limit: Optional[int] = limit_option("sentences"),
     resume: bool = resume_option(),
     nproc: int = nproc_option(),
@@ -340,7 +341,7 @@ def train_parse_command(
     train_file: Optional[Path] = typer.Option(None, help="Training CoNLL-U file (instead of --data-dir)."),
     dev_file: Optional[Path] = typer.Option(None, help="Dev CoNLL-U file (instead of --data-dir)."),
     test_file: Optional[Path] = typer.Option(None, help="Test CoNLL-U file (instead of --data-dir)."),
-    out: Optional[Path] = out_option("parse", "results.json, checkpoint.pt, model.json/model.pt and the plots"),
+    out: Optional[Path] = out_option("parse", "results.json, checkpoint.pt, model.json/model.pt (the model at the best dev score; final/ holds the one at the end) and the plots"),
     limit: Optional[int] = limit_option("sentences"),
     resume: bool = resume_option(),
     nproc: int = nproc_option(),

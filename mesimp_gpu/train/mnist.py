@@ -205,8 +205,8 @@ class MnistTrainer(Trainer):
         """Test accuracy of the model as it is now."""
         return accuracy(self.model, self.test.images, self.test.labels)
 
-    def on_best(self) -> None:
-        save_mlp(self.model, self.out)  # the reported model: the one at the best dev score
+    def save_model(self, directory: Path) -> None:
+        save_mlp(self.model, directory)
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The shuffled example order of ``epoch``; depends only on the seed and the epoch (so resumes match)."""

@@ -248,8 +248,8 @@ class ParseTrainer(Trainer):
             entry["test"] = test
         return entry
 
-    def on_best(self) -> None:
-        save_parser(self.model, self.vocab.state_dict(), self.out)  # the reported model: the one at the best dev
+    def save_model(self, directory: Path) -> None:
+        save_parser(self.model, self.vocab.state_dict(), directory)
 
     def epoch_line(self, epoch: int) -> str:
         last = self.history[-1]

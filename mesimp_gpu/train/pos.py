@@ -265,8 +265,8 @@ class PosTrainer(Trainer):
         """Score dev (and test when dev improved); append and return the history record."""
         return self.record(epoch, chunk, loss, self.accuracy("dev"), lambda: self.accuracy("test"), extra)
 
-    def on_best(self) -> None:
-        save_tagger(self.model, self.vocab.state_dict(), self.out)  # the reported model: the one at the best dev
+    def save_model(self, directory: Path) -> None:
+        save_tagger(self.model, self.vocab.state_dict(), directory)
 
     def results(self, final: bool = False) -> dict[str, Any]:
         """The results document: the shared core plus where the data came from and its size."""

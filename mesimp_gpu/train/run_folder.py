@@ -11,6 +11,8 @@ RUN_MARKERS = ("results.json", "checkpoint.pt")
 #: what a run writes (results, checkpoints, models, plots), and the folder of its same-size baseline
 RUN_PATTERNS = ("*.json", "*.pt", "*.png", ".*.tmp")
 BASELINE_FOLDER = "same-size"
+#: the sub-folder holding the model as it was at the end of the run (the run folder holds the best-dev one)
+FINAL_MODEL_FOLDER = "final"
 #: parent of the run folders made when no --out is given
 RUNS_ROOT = Path("runs")
 
@@ -30,16 +32,18 @@ def holds_run(folder: Path) -> bool:
 
 
 def clear_run(folder: Path) -> None:
-    """Delete what a run wrote into ``folder`` (and its same-size baseline's folder); other files stay."""
+    """Delete what a run wrote into ``folder`` (and its same-size baseline's and final model's folders);
+    other files stay."""
     for pattern in RUN_PATTERNS:
         for path in folder.glob(pattern):
             if path.is_file():
                 path.unlink()
-    baseline = folder / BASELINE_FOLDER
-    if baseline.is_dir():
-        clear_run(baseline)
-        if not any(baseline.iterdir()):
-            baseline.rmdir()
+    for name in (BASELINE_FOLDER, FINAL_MODEL_FOLDER):
+        inner = folder / name
+        if inner.is_dir():
+            clear_run(inner)
+            if not any(inner.iterdir()):
+                inner.rmdir()
 
 
 def prepare_run_folder(out: Path | None, task: str, resume: bool, overwrite: bool) -> Path:

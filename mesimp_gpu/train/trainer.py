@@ -20,6 +20,7 @@ from mesimp_gpu.plots import plot_history, plot_simplification
 from mesimp_gpu.train.checkpoints import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mesimp_gpu.train.distributed import DataParallel
 from mesimp_gpu.train.records import PHASES, BestTracker, PhaseTimer, jsonable
+from mesimp_gpu.train.run_folder import FINAL_MODEL_FOLDER
 from mesimp_gpu.train.settings import Method, mesimp_schedule, resolve_device, seed_everything
 
 
@@ -160,7 +161,12 @@ class Trainer:
         return entry
 
     def on_best(self) -> None:
-        """Called when the dev score improved (after test was scored); subclasses save models here."""
+        """Called when the dev score improved (after test was scored): the reported model is saved."""
+        self.save_model(self.out)
+
+    def save_model(self, directory: Path) -> None:
+        """Save the current model (architecture JSON beside the weights) into ``directory``."""
+        raise NotImplementedError
 
     def score_test(self) -> float | None:
         """The test score of the model as it is now, by the scorer the task last gave :meth:`record` (None
@@ -272,6 +278,7 @@ class Trainer:
                 tqdm.write(self.epoch_line(epoch))
         results = self.results(final=True)
         if self.dist.main:  # one process writes the run's files
+            self.save_model(self.out / FINAL_MODEL_FOLDER)  # the network at the end (meSimp: the smallest)
             write_json(self.out / "results.json", results)
             plot_history(self.history, self.out / "curves.png", title=f"{self.title}, {c.method.value}")
         return results
