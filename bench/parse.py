@@ -66,7 +66,7 @@ DECODE_TOLERANCE = 1e-6
 
 @dataclass(frozen=True)
 class Treebank:
-    """The sentences the suite trains and decodes on, and where they came from."""
+    """The sentences a suite (parse, tagger) trains and decodes on, and where they came from."""
 
     folder: str
     splits: dict[str, list[Sentence]]
@@ -83,16 +83,22 @@ def base_settings(config: BenchConfig, folder: str) -> ParseConfig:
                        limit=config.parse_limit, seed=config.seed + 1, progress=False)
 
 
-def load_treebank(config: BenchConfig) -> Treebank | str:
-    """The treebank of ``config`` (``parse_limit`` applied), or why there is none and how to give one."""
+def suite_treebank(config: BenchConfig, settings: Callable[[str], Any], require_trees: bool) -> Treebank | str:
+    """The treebank of ``config`` read as the trainer ``settings(folder)`` would read it (its limit applied;
+    ``require_trees``: every tree checked), or why there is none and how to give one."""
     folder = config.ud_dir or os.environ.get(UD_ENV)
     if not folder:
         return f"no treebank given: {HOW_TO_POINT}"
     try:
-        splits, paths = load_splits(base_settings(config, folder), require_trees=True)
+        splits, paths = load_splits(settings(folder), require_trees=require_trees)
     except (OSError, ValueError) as exc:  # missing folder or files, unreadable or malformed CoNLL-U
         return f"no usable treebank at {folder} ({exc}); {HOW_TO_POINT}"
     return Treebank(folder, splits, paths)
+
+
+def load_treebank(config: BenchConfig) -> Treebank | str:
+    """The parse suite's treebank (``parse_limit`` applied), or why there is none and how to give one."""
+    return suite_treebank(config, lambda folder: base_settings(config, folder), require_trees=True)
 
 
 def skipped_row(reason: str) -> dict[str, Any]:

@@ -24,10 +24,9 @@ needed). Without one the suite gives a single skipped row saying why.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,38 +35,17 @@ import torch
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.bench.common import row
 from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
-from mesimp_gpu.bench.parse import HOW_TO_POINT, UD_ENV
+from mesimp_gpu.bench.parse import METHODS, SIMPLIFIED, Treebank, suite_treebank
 from mesimp_gpu.bench.timing import Clock, measure
 from mesimp_gpu.bench.train import add_speedups, epoch_fields, take_turns
-from mesimp_gpu.data.conllu import Sentence
 from mesimp_gpu.train.inference import TAG_BATCH, LoadedTagger
 from mesimp_gpu.train.pos import PosConfig, Preset, pos_config, train_pos
 from mesimp_gpu.train.records import PHASES
 from mesimp_gpu.train.settings import Method
-from mesimp_gpu.train.treebank import load_splits
-
-#: the trained methods, in table order: dense (the baseline of every speedup) first
-METHODS = (Method.DENSE, Method.MEPROP, Method.MESIMP)
-
-#: the tagger whose speed is compared with dense: the simplified one
-SIMPLIFIED = Method.MESIMP
 
 #: largest accepted difference (percentage points) between the dev accuracy of a timed pass and the trainer's
 #: record of the same model on the same sentences (the same computation in other batches: float rounding only)
 TAG_TOLERANCE = 1e-6
-
-
-@dataclass(frozen=True)
-class TaggerData:
-    """The sentences the suite trains and tags, and where they came from."""
-
-    folder: str
-    splits: dict[str, list[Sentence]]
-    paths: dict[str, Path]
-
-    @property
-    def name(self) -> str:
-        return Path(self.folder).name
 
 
 def base_settings(config: BenchConfig, folder: str) -> PosConfig:
@@ -77,19 +55,12 @@ def base_settings(config: BenchConfig, folder: str) -> PosConfig:
                       progress=False)
 
 
-def load_tagger_data(config: BenchConfig) -> TaggerData | str:
-    """The treebank of ``config`` (``tagger_limit`` applied), or why there is none and how to give one."""
-    folder = config.ud_dir or os.environ.get(UD_ENV)
-    if not folder:
-        return f"no treebank given: {HOW_TO_POINT}"
-    try:
-        splits, paths = load_splits(base_settings(config, folder))
-    except (OSError, ValueError) as exc:  # missing folder or files, unreadable or malformed CoNLL-U
-        return f"no usable treebank at {folder} ({exc}); {HOW_TO_POINT}"
-    return TaggerData(folder, splits, paths)
+def load_tagger_data(config: BenchConfig) -> Treebank | str:
+    """The tagger suite's treebank (``tagger_limit`` applied), or why there is none and how to give one."""
+    return suite_treebank(config, lambda folder: base_settings(config, folder), require_trees=False)
 
 
-def run_tagger_suite(config: BenchConfig, device: torch.device, data: TaggerData | str, clock: Clock,
+def run_tagger_suite(config: BenchConfig, device: torch.device, data: Treebank | str, clock: Clock,
                      log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Train the tagger by each method, taking turns by epoch, then time the tagging of dev; the rows.
 
@@ -117,7 +88,7 @@ def run_tagger_suite(config: BenchConfig, device: torch.device, data: TaggerData
     return rows
 
 
-def train_row(settings: PosConfig, results: dict[str, Any], data: TaggerData, epochs: int) -> dict[str, Any]:
+def train_row(settings: PosConfig, results: dict[str, Any], data: Treebank, epochs: int) -> dict[str, Any]:
     """One method's row: per-epoch phase seconds, training tokens per second, accuracy, LSTM units kept."""
     method, counts, final = settings.method, results["data"], results["final"]
     timing = epoch_fields(results["epoch_seconds"])
@@ -134,7 +105,7 @@ def train_row(settings: PosConfig, results: dict[str, Any], data: TaggerData, ep
     )
 
 
-def tag_rows(config: BenchConfig, clock: Clock, data: TaggerData, trained: dict[str, tuple[Path, dict[str, Any]]],
+def tag_rows(config: BenchConfig, clock: Clock, data: Treebank, trained: dict[str, tuple[Path, dict[str, Any]]],
              log: Callable[[str], None]) -> list[dict[str, Any]]:
     """Tokens per second of the dense and the simplified tagger on dev, timed side by side; a row each."""
     dev = data.splits["dev"]
