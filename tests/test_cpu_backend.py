@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -388,3 +389,17 @@ def test_process_clock_counts_computing_not_waiting():
     assert clock_for(cpu_device, "wall").per_call(lambda: time.sleep(0.05), 1) >= 0.05
     with pytest.raises(ValueError, match="--cpu-clock"):
         BenchConfig(cpu_clock="tsc")
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path, capsys) -> None:
+    from mesimp_gpu.backends.cpu import STALE_LOCK_S, clear_stale_lock
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    clear_stale_lock(tmp_path)
+    assert lock.exists(), "a fresh lock belongs to a build that is running"
+    old = time.time() - STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    clear_stale_lock(tmp_path)
+    assert not lock.exists() and "did not finish" in capsys.readouterr().err
+    clear_stale_lock(tmp_path)  # no lock: nothing to do

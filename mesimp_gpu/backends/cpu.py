@@ -106,6 +106,9 @@ ARCH_LEVELS: dict[str, ArchLevel] = {
 
 #: a build's rough duration on 2 cores, for the line printed before it
 BUILD_MINUTES = "1-2 minutes"
+#: torch takes a lock file in the build folder for every load; one older than this was left by a build that
+#: was killed, and would make every later load wait for ever
+STALE_LOCK_S = 15 * 60
 
 
 def arch_from_env() -> str:
@@ -172,6 +175,19 @@ def compiler_message(exc: BaseException) -> str:
     return (errors or lines or [repr(exc)])[0 if errors else -1]
 
 
+def clear_stale_lock(folder: Path) -> None:
+    """Delete ``folder``'s build lock when it is older than :data:`STALE_LOCK_S`, saying so on stderr."""
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"mesimp-gpu: removing {lock}, left {age / 60:.0f} minutes ago by a build of the cpu backend that did "
+              "not finish", file=sys.stderr, flush=True)
+        lock.unlink(missing_ok=True)
+
+
 def load_kernels(arch: str | None = None) -> ModuleType:
     """Compile (first use in an environment: a minute or two) or load from its folder the C++ kernels for ``arch``
     (default: :func:`arch_from_env`).
@@ -195,6 +211,7 @@ def load_kernels(arch: str | None = None) -> ModuleType:
         print(f"mesimp-gpu: building the cpu backend's kernels for {arch} ({level.what}) with {compiler} in {folder}; "
               f"this takes {BUILD_MINUTES} once per environment and level", file=sys.stderr, flush=True)
     folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
     start = time.perf_counter()
     try:
         module = cpp_extension.load_inline(
