@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 from mesimp_gpu.backends import get_backend
 from mesimp_gpu.bench.common import row
 from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
-from mesimp_gpu.bench.timing import Clock, measure
+from mesimp_gpu.bench.timing import Clock, time_passes
 from mesimp_gpu.bench.train import add_speedups, epoch_fields, take_turns
 from mesimp_gpu.data.conllu import Sentence
 from mesimp_gpu.parsing.scoring import attachment_scores
@@ -160,20 +161,11 @@ def decode_rows(config: BenchConfig, clock: Clock, treebank: Treebank,
     dev = treebank.splits["dev"]
     names = [Method.DENSE.value, SIMPLIFIED.value]
     parsers = {name: LoadedParser(str(trained[name][0]), config.device) for name in names}
-    last: dict[str, list[tuple[tuple[int, ...], tuple[str, ...]]]] = {}
-
-    def full_pass(name: str) -> Callable[[], None]:
-        def call() -> None:
-            last[name] = parsers[name].parse(dev, DECODE_BATCH)
-        return call
-
     log(f"parse decoding: dense ({parsers['dense'].model.hidden_size} hidden) and {SIMPLIFIED.value} "
         f"({parsers[SIMPLIFIED.value].model.hidden_size} hidden), {config.parse_decode_repeats} passes over "
         f"{len(dev)} dev sentences each")
-    repeats = config.parse_decode_repeats
-    # no warm-up beyond measure's untimed estimate (one full pass each), one pass per sample, a fixed count
-    plan = replace(config, warmup=0, min_repeats=repeats, max_repeats=repeats, min_sample_s=1e-9)
-    stats = measure([full_pass(name) for name in names], clock, plan)
+    stats, last = time_passes({name: partial(parsers[name].parse, dev, DECODE_BATCH) for name in names},
+                              config.parse_decode_repeats, clock, config)
     words = sum(len(s.words) for s in dev)
     dense = stats[0]
     rows = []

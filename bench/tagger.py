@@ -25,6 +25,7 @@ needed). Without one the suite gives a single skipped row saying why.
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from mesimp_gpu.backends import get_backend
 from mesimp_gpu.bench.common import row
 from mesimp_gpu.bench.config import BenchConfig, Provider, Suite
 from mesimp_gpu.bench.parse import METHODS, SIMPLIFIED, Treebank, suite_treebank
-from mesimp_gpu.bench.timing import Clock, measure
+from mesimp_gpu.bench.timing import Clock, time_passes
 from mesimp_gpu.bench.train import add_speedups, epoch_fields, take_turns
 from mesimp_gpu.train.inference import TAG_BATCH, LoadedTagger
 from mesimp_gpu.train.pos import PosConfig, Preset, pos_config, train_pos
@@ -111,19 +112,11 @@ def tag_rows(config: BenchConfig, clock: Clock, data: Treebank, trained: dict[st
     dev = data.splits["dev"]
     names = [Method.DENSE.value, SIMPLIFIED.value]
     taggers = {name: LoadedTagger(str(trained[name][0]), config.device) for name in names}
-    last: dict[str, list[tuple[str, ...]]] = {}
-
-    def full_pass(name: str) -> Callable[[], None]:
-        def call() -> None:
-            last[name] = taggers[name].tag(dev, TAG_BATCH)
-        return call
-
     log(f"tagging: dense (LSTM {taggers['dense'].model.hidden_sizes}) and {SIMPLIFIED.value} "
         f"(LSTM {taggers[SIMPLIFIED.value].model.hidden_sizes}), {config.tagger_decode_repeats} passes over "
         f"{len(dev)} dev sentences each")
-    repeats = config.tagger_decode_repeats
-    plan = replace(config, warmup=0, min_repeats=repeats, max_repeats=repeats, min_sample_s=1e-9)
-    stats = measure([full_pass(name) for name in names], clock, plan)
+    stats, last = time_passes({name: partial(taggers[name].tag, dev, TAG_BATCH) for name in names},
+                              config.tagger_decode_repeats, clock, config)
     tokens = sum(len(s.words) for s in dev)
     dense = stats[0]
     rows = []

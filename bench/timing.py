@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from mesimp_gpu.bench.config import BenchConfig
+
+Output = TypeVar("Output")
 
 
 @dataclass(frozen=True)
@@ -124,3 +126,19 @@ def measure(fns: Sequence[Callable[[], object]], clock: Clock, plan: BenchConfig
             i = (j + r) % len(fns)  # rotate so that no provider always runs first (cold caches) or last
             samples[i].append(clock.per_call(fns[i], inner[i]))
     return [summarize(s, n) for s, n in zip(samples, inner)]
+
+
+def time_passes(passes: dict[str, Callable[[], Output]], repeats: int, clock: Clock,
+                config: BenchConfig) -> tuple[list[Stats], dict[str, Output]]:
+    """Time whole passes (decoding or tagging a split) side by side, ``repeats`` samples of one pass each;
+    returns their :class:`Stats` in ``passes``' order and each pass's output from its last call."""
+    last: dict[str, Output] = {}
+
+    def keeping(name: str) -> Callable[[], None]:
+        def call() -> None:
+            last[name] = passes[name]()
+        return call
+
+    # no warm-up beyond measure's untimed estimate (one full pass each), one pass per sample, a fixed count
+    plan = replace(config, warmup=0, min_repeats=repeats, max_repeats=repeats, min_sample_s=1e-9)
+    return measure([keeping(name) for name in passes], clock, plan), last
