@@ -236,25 +236,30 @@ def test_meprop_linear_cpu_matches_reference(threads, seed, mode):
     assert torch.equal(outputs["cpu"][3], outputs["reference"][3])
 
 
+#: run in a fresh interpreter (so this process keeps its loaded kernels and build state): the cpu backend by
+#: name, then what ``auto`` chooses
+LOAD_BY_NAME_THEN_AUTO = textwrap.dedent(
+    """
+    import logging
+    from mesimp_gpu.backends import BackendUnavailable, get_backend, load_backend
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        load_backend("cpu")
+    except BackendUnavailable as exc:
+        print("BY NAME:", exc)
+    print("AUTO:", get_backend("auto", "cpu").name)
+    """
+)
+
+
 def test_missing_compiler_falls_back_to_torch(tmp_path):
     """No compiler (CXX points nowhere, empty cache): ``auto`` warns and uses torch; by name it is a clear error.
 
     Runs in a fresh interpreter so that this process keeps its loaded kernels and build state.
     """
-    script = textwrap.dedent(
-        """
-        import logging
-        from mesimp_gpu.backends import BackendUnavailable, get_backend, load_backend
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        try:
-            load_backend("cpu")
-        except BackendUnavailable as exc:
-            print("BY NAME:", exc)
-        print("AUTO:", get_backend("auto", "cpu").name)
-        """
-    )
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", LOAD_BY_NAME_THEN_AUTO], env=env, capture_output=True, text=True,
+                         timeout=120)
     assert run.returncode == 0, run.stderr
     assert "BY NAME: backend 'cpu' needs a C++ compiler" in run.stdout
     assert "AUTO: torch" in run.stdout
@@ -316,20 +321,9 @@ def test_failed_build_falls_back_to_torch_with_the_compilers_message(tmp_path):
     fake.write_text("#!/bin/sh\ncase \"$1\" in --version|-v|-dumpversion) exec c++ \"$@\";; esac\n"
                     "echo 'main.cpp:12:3: error: simulated failure' >&2\nexit 1\n")
     fake.chmod(0o755)
-    script = textwrap.dedent(
-        """
-        import logging
-        from mesimp_gpu.backends import BackendUnavailable, get_backend, load_backend
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
-        try:
-            load_backend("cpu")
-        except BackendUnavailable as exc:
-            print("BY NAME:", exc)
-        print("AUTO:", get_backend("auto", "cpu").name)
-        """
-    )
     env = dict(os.environ, CXX=str(fake), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), MESIMP_CPU_ARCH="native")
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", LOAD_BY_NAME_THEN_AUTO], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 0, run.stderr
     assert "main.cpp:12:3: error: simulated failure" in run.stdout
     assert "AUTO: torch" in run.stdout
